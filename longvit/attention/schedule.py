@@ -1,0 +1,61 @@
+"""Segment-length schedules and argument checks for dilated attention."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# LongViT and LongNet use these rates throughout (ANCHORS.md).
+DEFAULT_DILATION_RATES: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+def segment_schedule(
+    num_tokens: int,
+    dilation_rates: Sequence[int] = DEFAULT_DILATION_RATES,
+    min_segment: int = 1024,
+) -> list[int]:
+    """Geometric segment lengths from a small local window up to the whole sequence.
+
+    The first segment is min(min_segment, N / 16) rounded to a power of two, the
+    last is N, and the ones between are log-spaced and rounded to powers of two,
+    as LongViT's published schedules (1,024 tokens: [64, 128, 256, 512, 1024];
+    16,384 tokens: [1024, ..., 16384]) and Prov-GigaPath's log-spaced lengths.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    n_branches = len(dilation_rates)
+    if n_branches == 0:
+        raise ValueError("dilation_rates must name at least one rate")
+    if n_branches == 1:
+        return [num_tokens]
+    first = min(min_segment, max(1, num_tokens // 16))
+    first = 2 ** round(math.log2(first))
+    first = min(first, num_tokens)
+    lengths = []
+    for i in range(n_branches):
+        if i == n_branches - 1:
+            lengths.append(num_tokens)
+            continue
+        x = math.log2(first) + (math.log2(num_tokens) - math.log2(first)) * i / (n_branches - 1)
+        lengths.append(min(num_tokens, 2 ** math.floor(x + 0.5 - 1e-9)))
+    for i in range(1, n_branches):  # keep the schedule non-decreasing
+        lengths[i] = max(lengths[i], lengths[i - 1])
+    return lengths
+
+
+def check_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
+    """ValueError naming the argument when the two lists do not describe branches."""
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"{name} must be a list of positive integers, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"{name} must not be empty")
+        for x in values:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{name} must hold positive integers, got {list(values)!r}")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            "segment_lengths and dilation_rates must have the same length (one pair per "
+            f"branch), got {len(segment_lengths)} segment_lengths {list(segment_lengths)} "
+            f"and {len(dilation_rates)} dilation_rates {list(dilation_rates)}"
+        )

@@ -1,0 +1,40 @@
+"""The ``longvit`` command: one entry point, one subcommand per job.
+
+Each subcommand lives beside the code it drives and is imported only when
+called, so ``longvit tile`` never imports Lightning and ``longvit fit`` never
+imports OpenSlide unless it needs to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {}
+
+
+def register(name: str, module: str, function: str, help_text: str) -> None:
+    """Add a subcommand (used by the slides, extraction and training layers)."""
+    SUBCOMMANDS[name] = (module, function, help_text)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    rows = "\n".join(f"  {n.ljust(width)}  {h}" for n, (_, _, h) in SUBCOMMANDS.items())
+    return f"usage: longvit <command> [options]\n\ncommands:\n{rows}\n\n" \
+        "Run `longvit <command> --help` for a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"longvit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = SUBCOMMANDS[name]
+    result = getattr(importlib.import_module(module), function)(rest)
+    return int(result or 0)
