@@ -22,8 +22,10 @@ def register(name: str, module: str, function: str, help_text: str) -> None:
 def _usage() -> str:
     width = max(len(n) for n in SUBCOMMANDS)
     rows = "\n".join(f"  {n.ljust(width)}  {h}" for n, (_, _, h) in SUBCOMMANDS.items())
-    return f"usage: longvit <command> [options]\n\ncommands:\n{rows}\n\n" \
+    return (
+        f"usage: longvit <command> [options]\n\ncommands:\n{rows}\n\n"
         "Run `longvit <command> --help` for a command's options."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

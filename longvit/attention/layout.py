@@ -1,0 +1,145 @@
+"""Where one branch's tokens live: segments, dilation offsets per head group, as views.
+
+A branch (segment length w, dilation rate r) cuts the sequence into segments of
+w tokens; head h (in contiguous groups of G = ceil(H / r) heads) keeps the
+positions p with p mod r == h // G inside each segment. For a tensor laid out
+(B, N, H, D) these positions are a strided *view*: split N into
+(segments, m, r) and take the diagonal between the r axis and the head-group
+axis. Nothing like torchscale's diag_embed (B, ..., r, r) is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """Sizes of one branch for a sequence of N tokens and H heads.
+
+    w: segment length actually used (min(w_i, N)); num_segments = ceil(N / w);
+    padded_length: w rounded up to a multiple of r; m = padded_length / r, the
+    tokens per (segment, head) that the kernel sees; group: heads per offset;
+    full_groups: groups with all `group` heads; tail_heads: heads in the last,
+    partial group (0 if H is a multiple of group).
+    """
+
+    num_tokens: int
+    num_heads: int
+    segment_length: int
+    dilation_rate: int
+    num_segments: int
+    padded_length: int
+    m: int
+    group: int
+    full_groups: int
+    tail_heads: int
+
+    @classmethod
+    def of(cls, num_tokens: int, num_heads: int, segment_length: int, dilation_rate: int):
+        w = min(segment_length, num_tokens)
+        r = dilation_rate
+        padded = math.ceil(w / r) * r
+        group = math.ceil(num_heads / r)
+        return cls(
+            num_tokens=num_tokens,
+            num_heads=num_heads,
+            segment_length=w,
+            dilation_rate=r,
+            num_segments=math.ceil(num_tokens / w),
+            padded_length=padded,
+            m=padded // r,
+            group=group,
+            full_groups=num_heads // group,
+            tail_heads=num_heads - (num_heads // group) * group,
+        )
+
+    @property
+    def needs_padding(self) -> bool:
+        """True when N is not a multiple of w or w not a multiple of r (views become copies)."""
+        return (
+            self.num_segments * self.segment_length != self.num_tokens
+            or self.padded_length != self.segment_length
+        )
+
+    @property
+    def kernel_batch(self) -> int:
+        """Sequences per batch row that the kernel sees (one per segment)."""
+        return self.num_segments
+
+
+def to_segments(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
+    """(B, N, H, D) -> (B, S, w_padded, H, D); a view unless padding is needed (then a copy)."""
+    b, n = x.shape[:2]
+    rest = x.shape[2:]
+    s, w = lay.num_segments, lay.segment_length
+    if not lay.needs_padding:
+        return x.view(b, s, w, *rest)
+    total = s * w
+    if total != n:
+        x = _pad_dim(x, 1, total - n, fill)
+    x = x.reshape(b, s, w, *rest)
+    if lay.padded_length != w:
+        x = _pad_dim(x, 2, lay.padded_length - w, fill)
+    return x
+
+
+def from_segments(xs: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
+    """Inverse of to_segments: (B, S, w_padded, H, D) -> (B, N, H, D) (drops the padding)."""
+    b = xs.shape[0]
+    rest = xs.shape[3:]
+    xs = xs[:, :, : lay.segment_length]
+    return xs.reshape(b, lay.num_segments * lay.segment_length, *rest)[:, : lay.num_tokens]
+
+
+def _pad_dim(x: torch.Tensor, dim: int, amount: int, fill: float | bool) -> torch.Tensor:
+    if x.dtype == torch.bool:
+        shape = list(x.shape)
+        shape[dim] = amount
+        return torch.cat([x, x.new_full(shape, bool(fill))], dim=dim)
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, amount]
+    return F.pad(x, pad, value=float(fill))
+
+
+def dilated_parts(xs: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
+    """Views of the branch's positions in segment layout.
+
+    xs: (B, S, w_padded, H, D). Returns views of shape (B, S, m, groups, G, D):
+    one for the full head groups and, when H is not a multiple of G, one for
+    the last partial group (groups = 1). Concatenated over heads they are the
+    branch's (B, S, m, H, D) tokens; writing into them writes into xs.
+    """
+    b, s, _, h, d = xs.shape
+    r, g, nf = lay.dilation_rate, lay.group, lay.full_groups
+    x6 = xs.view(b, s, lay.m, r, h, d)  # position = j * r + offset
+    full = x6[:, :, :, :, : nf * g].unflatten(4, (nf, g))  # (B, S, m, r, nf, G, D)
+    # diagonal pairs offset o with head group o: (B, S, m, G, D, nf) -> (B, S, m, nf, G, D)
+    parts = [torch.diagonal(full, dim1=3, dim2=4).movedim(-1, 3)]
+    if lay.tail_heads:
+        parts.append(x6[:, :, :, nf, nf * g :].unsqueeze(3))  # (B, S, m, 1, tail, D)
+    return parts
+
+
+def gather(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
+    """The branch's tokens of x (B, N, H, D) as (B * S, m, H, D); a view when r == 1."""
+    xs = to_segments(x, lay, fill)
+    b, s = xs.shape[:2]
+    if lay.dilation_rate == 1:
+        return xs.reshape(b * s, lay.m, *xs.shape[3:])
+    parts = [p.reshape(b, s, lay.m, -1, xs.shape[-1]) for p in dilated_parts(xs, lay)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+    return out.reshape(b * s, lay.m, *out.shape[3:])
+
+
+def split_heads_like(src: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cut src (B, S, m, H, D) into tensors shaped like each part of dilated_parts."""
+    out, start = [], 0
+    for p in parts:
+        heads = p.shape[3] * p.shape[4]
+        out.append(src[:, :, :, start : start + heads].unflatten(3, p.shape[3:5]))
+        start += heads
+    return out
