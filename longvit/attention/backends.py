@@ -2,7 +2,8 @@
 
 Every backend takes q, k, v of shape (B', H, L, D) (any strides with the last
 dim contiguous), an optional additive key bias (B', H, 1, L) holding 0 or -inf,
-and returns (out (B', H, L, D), lse (B', H, L) float32 (float64 for float64 inputs), state). Its backward
+and returns (out (B', H, L, D), lse (B', H, L) float32 (float64 for float64
+inputs), state). Its backward
 takes the *merged* output and LSE of all branches (that is what makes the
 dilated-attention gradient exact, as in ring attention) and returns dq, dk, dv.
 

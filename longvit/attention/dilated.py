@@ -132,7 +132,8 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p) -> None:
             )
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(
-                f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}"
+                "key_padding_mask must be a bool tensor (True = padding), "
+                f"got {key_padding_mask.dtype}"
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
