@@ -1,0 +1,130 @@
+"""Dilated attention equals the dense float64 reference, values and gradients."""
+
+import pytest
+import torch
+
+from longvit.attention import dilated_attention, dilated_attention_reference
+
+CPU_BACKENDS = ["math", "cpu_flash"]
+
+# (B, N, H, D, segment_lengths, dilation_rates)
+SHAPES = {
+    "N not a multiple of any segment": (2, 45, 4, 8, [8, 16, 32], [1, 2, 4]),
+    "N below the largest segment": (1, 40, 4, 8, [16, 64, 128], [1, 2, 4]),
+    "H=12 with rates 8 and 16": (1, 64, 12, 4, [16, 32, 64], [1, 8, 16]),
+    "segment not a multiple of rate": (2, 30, 6, 4, [7, 10], [3, 4]),
+    "single branch, dense": (2, 17, 2, 8, [17], [1]),
+    "LongViT rates": (2, 96, 12, 8, [6, 12, 24, 48, 96], [1, 2, 4, 8, 16]),
+}
+
+
+def _qkv(b, n, h, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(b, n, h, d, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)
+    ]
+
+
+def _mask(b, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, n, generator=g) < 0.25
+    mask[0, -n // 3 :] = True  # a padded tail, as batched slides have
+    if b > 1:
+        mask[1] = True  # a batch row that is all padding
+    return mask
+
+
+def _compare(case, causal, masked, backend):
+    b, n, h, d, ws, rs = case
+    q, k, v = _qkv(b, n, h, d)
+    mask = _mask(b, n) if masked else None
+    out = dilated_attention(q, k, v, ws, rs, causal=causal, key_padding_mask=mask, backend=backend)
+    ref = dilated_attention_reference(q, k, v, ws, rs, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g1, g2 in zip("qkv", got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("case", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_reference(case, causal, masked, backend):
+    _compare(case, causal, masked, backend)
+
+
+def test_all_padding_row_outputs_zero_not_nan():
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    q, k, v = _qkv(b, n, h, d)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[1] = True
+    out = dilated_attention(q, k, v, ws, rs, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert out[1].abs().max() == 0
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert k.grad[1].abs().max() == 0 and v.grad[1].abs().max() == 0
+
+
+def test_padding_keys_do_not_change_valid_outputs():
+    """Tokens appended as padding never change what the valid tokens see."""
+    b, n, h, d = 1, 50, 4, 8
+    ws, rs = [8, 16, 64], [1, 2, 4]
+    q, k, v = _qkv(b, 64, h, d)
+    mask = torch.zeros(b, 64, dtype=torch.bool)
+    mask[:, n:] = True
+    padded = dilated_attention(q, k, v, ws, rs, key_padding_mask=mask)
+    noisy = [t.detach().clone() for t in (q, k, v)]
+    for t in noisy:
+        t[:, n:] = 1e3 * torch.randn_like(t[:, n:])
+    again = dilated_attention(*noisy, ws, rs, key_padding_mask=mask)
+    torch.testing.assert_close(padded[:, :n], again[:, :n], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(backend, causal):
+    q, k, v = _qkv(1, 12, 4, 3)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 10:] = True
+
+    def fn(q, k, v):
+        return dilated_attention(
+            q, k, v, [4, 8], [1, 2], causal=causal, key_padding_mask=mask, backend=backend
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_float32_and_bfloat16_close_to_reference():
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    q, k, v = _qkv(b, n, h, d)
+    ref = dilated_attention_reference(q, k, v, ws, rs)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        out = dilated_attention(*(t.detach().to(dtype) for t in (q, k, v)), ws, rs)
+        assert out.dtype == dtype
+        rel = (out.double() - ref).norm() / ref.norm()
+        assert rel < tol, (dtype, rel)
+
+
+def test_auto_segment_lengths_match_explicit_schedule():
+    from longvit.attention import segment_schedule
+
+    q, k, v = _qkv(1, 256, 4, 8)
+    rates = [1, 2, 4, 8, 16]
+    auto = dilated_attention(q, k, v, "auto", rates)
+    explicit = dilated_attention(q, k, v, segment_schedule(256, rates), rates)
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+
+
+def test_scale_argument():
+    b, n, h, d, ws, rs = SHAPES["N not a multiple of any segment"]
+    q, k, v = _qkv(b, n, h, d)
+    out = dilated_attention(q, k, v, ws, rs, scale=0.3)
+    ref = dilated_attention_reference(q, k, v, ws, rs, scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
