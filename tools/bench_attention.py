@@ -97,8 +97,6 @@ def bench_layer(dim, heads, n, ws, rs, backend, warmup, iters):
 
     t = cuda_time(step, warmup, iters)
     mem = peak_gib(step)
-    del layer, x, gy
-    torch.cuda.empty_cache()
     return t, mem
 
 
@@ -116,8 +114,6 @@ def bench_op(heads, head_dim, n, ws, rs, backend, warmup, iters):
 
     t = cuda_time(step, warmup, iters)
     mem = peak_gib(step)
-    del q, k, v, go
-    torch.cuda.empty_cache()
     return t, mem
 
 
@@ -139,8 +135,6 @@ def bench_kernel_only(heads, head_dim, n, ws, rs, backend_name, warmup, iters):
             backend.backward(do, q, k, v, out, lse, None, False, 0.0, scale, st)
 
     t = cuda_time(step, warmup, iters)
-    del branches
-    torch.cuda.empty_cache()
     return t
 
 
@@ -148,6 +142,7 @@ def gpu_table(names, warmup, iters):
     rows = []
     backend = resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 64, 0.0).name
     for name in names:
+        torch.cuda.empty_cache()
         dim, heads, n, ws, rs = CONFIGS[name]
         hd = dim // heads
         row = {"config": name, "tokens": n, "dim": dim, "heads": heads, "segments": ws,
@@ -186,19 +181,19 @@ def cpu_table(iters: int = 3):
     print(f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads),"
           f" float32, {heads} heads x {hd}, forward+backward")  # fmt: skip
     print(
-        f"{'tokens':>8}  {'segments':<34} {'dilated (s)':>11} {'dense SDPA (s)':>14} {'speed-up':>8}"
+        f"{'tokens':>8}  {'segments':<34} {'dilated (s)':>11} {'dense SDPA (s)':>14} "
+        f"{'speed-up':>8}"
     )
     for n in (1024, 4096, 8192):
         ws = segment_schedule(n, RATES5)
         q, k, v = (torch.randn(1, n, heads, hd, requires_grad=True) for _ in range(3))
 
-        def dilated():
-            out = dilated_attention(q, k, v, ws, RATES5)
-            out.sum().backward()
+        def dilated(q=q, k=k, v=v, ws=ws):
+            dilated_attention(q, k, v, ws, RATES5).sum().backward()
 
-        def dense():
-            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-            out.sum().backward()
+        def dense(q=q, k=k, v=v):
+            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2)).sum().backward()  # fmt: skip
 
         td, tf = wall_time(dilated, iters), wall_time(dense, iters)
         rows.append({"tokens": n, "segments": ws, "dilated_s": td, "dense_s": tf})
