@@ -44,8 +44,7 @@ def test_fused_matches_reference(case, backend, dtype):
         pytest.skip(f"{backend} unavailable for {dtype}, D={d}")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
-        torch.randn(b, n, h, d, device="cuda", dtype=torch.float64, generator=g)
-        .requires_grad_()
+        torch.randn(b, n, h, d, device="cuda", dtype=torch.float64, generator=g).requires_grad_()
         for _ in range(3)
     )
     mask = None

@@ -1,7 +1,7 @@
 """The attention core: LongNet dilated attention. Imports with torch alone."""
 
 from longvit.attention.backends import BACKENDS, resolve_backend
-from longvit.attention.dilated import dilated_attention
+from longvit.attention.dilated import dilated_attention, dilated_attention_packed
 from longvit.attention.module import MultiheadDilatedAttention
 from longvit.attention.reference import dilated_attention_reference, multiplicity
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
@@ -12,6 +12,7 @@ __all__ = [
     "MultiheadDilatedAttention",
     "check_schedule",
     "dilated_attention",
+    "dilated_attention_packed",
     "dilated_attention_reference",
     "multiplicity",
     "resolve_backend",

@@ -269,7 +269,8 @@ class CudnnBackend(_FusedCuda):
     def _backward(self, dout, q, k, v, out, lse, causal, dropout_p, scale, state):
         e = state.extras
         # cuDNN wants dout laid out like out
-        dout = dout.contiguous() if out.is_contiguous() else _like(dout, out)
+        if dout.stride() != out.stride():
+            dout = _like(dout, out)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), *e["rng"], None,
             e["cq"], e["ck"], e["mq"], e["mk"], dropout_p, causal, scale=scale,

@@ -30,7 +30,7 @@ from longvit.attention.layout import (
     BranchLayout,
     dilated_parts,
     from_segments,
-    gather,
+    gather_segments,
     split_heads_like,
     to_segments,
 )
@@ -76,6 +76,10 @@ def dilated_attention(
     Returns:
         (B, N, H, D) in q's dtype. A query with no key in any branch gives 0.
     """
+    packed = k is None and v is None and q.dim() == 5
+    if packed:
+        qkv = q
+        q, k, v = qkv.unbind(2)
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
     n = q.shape[1]
     if isinstance(segment_lengths, str):
@@ -93,7 +97,27 @@ def dilated_attention(
         backend=resolve_backend(backend, q.device, q.dtype, q.shape[-1], dropout_p),
     )
     key_valid = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
+    if packed:
+        return _DilatedAttention.apply(qkv, None, None, key_valid, plan)
     return _DilatedAttention.apply(q, k, v, key_valid, plan)
+
+
+def dilated_attention_packed(
+    qkv: torch.Tensor,
+    segment_lengths: Sequence[int] | str,
+    dilation_rates: Sequence[int],
+    **kwargs,
+) -> torch.Tensor:
+    """dilated_attention on a packed qkv of shape (B, N, 3, H, D) -> (B, N, H, D).
+
+    Same semantics and keyword arguments as ``dilated_attention``; the gradient
+    comes back as one (B, N, 3, H, D) tensor instead of three that autograd
+    would then stack, which saves a copy of q, k and v in the backward.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv)
+        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {got}")
+    return dilated_attention(qkv, None, None, segment_lengths, dilation_rates, **kwargs)
 
 
 def _is_int(x) -> bool:
@@ -142,13 +166,53 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p) -> None:
 
 
 # ----------------------------------------------------------------------- branches
-def _branch_keys(key_valid, lay: BranchLayout, num_heads: int, causal: bool):
-    """(bias (B', H, 1, m) of 0/-inf or None, no_key (B', H, m) bool or None) for a branch."""
-    if key_valid is None:
+# Kernel calls are cut into chunks of whole segments of at most this many
+# elements per q/k/v tensor, so a branch's temporaries (its outputs, gradients
+# and the kernel's own workspace) stay bounded whatever N is.
+CHUNK_ELEMENTS = 2**27
+
+
+def _chunks(lay: BranchLayout, rows: int, width: int):
+    """Ranges of segment rows (of B * S) holding at most CHUNK_ELEMENTS elements."""
+    step = max(1, CHUNK_ELEMENTS // max(1, lay.m * width))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _rows(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
+    """(B, N, H, X) -> (B * S, w_padded, H, X): a view unless padding is needed."""
+    xs = to_segments(x, lay, fill)
+    return xs.flatten(0, 1) if not lay.needs_padding else xs.reshape(-1, *xs.shape[2:])
+
+
+def _write_back(x: torch.Tensor, rows: torch.Tensor, lay: BranchLayout) -> None:
+    """After editing a padded copy from _rows, copy it back into x (B, N, H, X)."""
+    if lay.needs_padding:
+        x.copy_(from_segments(rows.view(x.shape[0], lay.num_segments, *rows.shape[1:]), lay))
+
+
+def _kernel_input(rows: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
+    """Segment rows (C, w_padded, H, D) -> the kernel's (C, H, m, D) (last dim contiguous)."""
+    return gather_segments(rows.unsqueeze(0), lay).transpose(1, 2)
+
+
+def _parts(rows: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
+    return dilated_parts(rows.unsqueeze(0), lay)
+
+
+def _from_kernel(y: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Kernel output (C, H, m, X) cut like the views of _parts."""
+    c, h, m, x = y.shape
+    return split_heads_like(y.transpose(1, 2).reshape(1, c, m, h, x), parts)
+
+
+def _branch_keys(key_valid_rows, lay: BranchLayout, causal: bool):
+    """(bias (C, H, 1, m) of 0/-inf or None, no_key (C, H, m) or None) for segment rows.
+
+    key_valid_rows: (C, w_padded, H, 1) bool, or None when every key is valid.
+    """
+    if key_valid_rows is None:
         return None, None
-    b, n = key_valid.shape
-    kv = key_valid[:, :, None, None].expand(b, n, num_heads, 1)
-    valid = gather(kv, lay, fill=False).squeeze(-1).transpose(1, 2)  # (B', H, m)
+    valid = _kernel_input(key_valid_rows, lay).squeeze(-1)  # (C, H, m)
     if bool(valid.all()):
         return None, None
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
@@ -157,14 +221,23 @@ def _branch_keys(key_valid, lay: BranchLayout, num_heads: int, causal: bool):
     return bias, ~has_key.expand_as(valid)
 
 
-def _kernel_view(x: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
-    """(B, N, H, D) -> the branch's (B', H, m, D) kernel input (last dim contiguous)."""
-    return gather(x, lay).transpose(1, 2)
+def _key_rows(key_valid, lay: BranchLayout, shape):
+    """Key validity as segment rows (B * S, w_padded, H, 1), or None if all keys count."""
+    if key_valid is None and not lay.needs_padding:
+        return None
+    if key_valid is None:
+        key_valid = torch.ones(shape[:2], dtype=torch.bool, device=shape.device)
+    kv = key_valid[:, :, None, None].expand(*key_valid.shape, shape.heads, 1)
+    return _rows(kv, lay, fill=False)
 
 
-def _segment_view(y: torch.Tensor, lay: BranchLayout, batch: int) -> torch.Tensor:
-    """Kernel output (B', H, m, D) -> (B, S, m, H, D)."""
-    return y.transpose(1, 2).reshape(batch, lay.num_segments, lay.m, *y.shape[1:2], y.shape[-1])
+class _Shape(tuple):
+    """(B, N, H, D) plus the device, for building masks."""
+
+    def __new__(cls, t: torch.Tensor):
+        obj = super().__new__(cls, t.shape)
+        obj.device, obj.heads = t.device, t.shape[2]
+        return obj
 
 
 def _merge_(out_v, lse_v, o, lse):
@@ -175,93 +248,113 @@ def _merge_(out_v, lse_v, o, lse):
     lse_v.copy_(new)
 
 
-def _forward(q, k, v, key_valid, plan: _Plan):
-    b, n, h, d = q.shape
-    acc_dtype = _accumulator_dtype(q.dtype)
-    acc = torch.zeros(b, n, h, d, dtype=acc_dtype, device=q.device)
-    acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=acc_dtype, device=q.device)
-    states: list[KernelState] = []
-    for w, r in plan.branches:
-        lay = BranchLayout.of(n, h, w, r)
-        bias, no_key = _branch_keys(_valid_or_all(key_valid, lay, q), lay, h, plan.causal)
-        o, lse, state = plan.backend.forward(
-            _kernel_view(q, lay), _kernel_view(k, lay), _kernel_view(v, lay),
-            bias, plan.causal, plan.dropout_p, plan.scale,
-        )  # fmt: skip
-        states.append(state)
-        if no_key is not None:
-            o = o.masked_fill(no_key[..., None], 0.0)
-            lse = lse.masked_fill(no_key, float("-inf"))
-        o_seg = _segment_view(o, lay, b)  # (B, S, m, H, D)
-        lse_seg = lse.to(acc_dtype).transpose(1, 2).reshape(b, lay.num_segments, lay.m, h, 1)
-        _merge_branch(acc, acc_lse, o_seg, lse_seg, lay)
-    return acc.to(q.dtype), acc_lse.squeeze(-1), states
-
-
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (exact checks); everything else merges in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _merge_branch(acc, acc_lse, o_seg, lse_seg, lay: BranchLayout) -> None:
-    seg_o, seg_l = to_segments(acc, lay), to_segments(acc_lse, lay)
-    parts_o, parts_l = dilated_parts(seg_o, lay), dilated_parts(seg_l, lay)
-    for po, pl, so, sl in zip(
-        parts_o, parts_l, split_heads_like(o_seg, parts_o), split_heads_like(lse_seg, parts_l)
-    ):
-        _merge_(po, pl, so, sl)
-    if lay.needs_padding:  # the segment views were copies: write them back
-        acc.copy_(from_segments(seg_o, lay))
-        acc_lse.copy_(from_segments(seg_l, lay))
+def _ordered(plan: _Plan):
+    """Branches, a rate-1 branch first: it covers every (position, head), so the
+    accumulators can start as its result instead of being merged into."""
+    return sorted(plan.branches, key=lambda wr: wr[1] != 1)
 
 
-def _valid_or_all(key_valid, lay: BranchLayout, q):
-    """A (B, N) key-validity mask whenever the branch has padded or masked keys."""
-    if key_valid is None and lay.needs_padding:
-        return torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
-    return key_valid
-
-
-def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states):
+def _forward(q, k, v, key_valid, plan: _Plan):
     b, n, h, d = q.shape
+    shape = _Shape(q)
+    acc_dtype = _accumulator_dtype(q.dtype)
+    branches = _ordered(plan)
+    covers_all = branches[0][1] == 1
+    alloc = torch.empty if covers_all else torch.zeros
+    acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
+    acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=acc_dtype, device=q.device)
+    states: list[list[KernelState]] = []
+    for index, (w, r) in enumerate(branches):
+        lay = BranchLayout.of(n, h, w, r)
+        q_rows, k_rows, v_rows = _rows(q, lay), _rows(k, lay), _rows(v, lay)
+        key_rows = _key_rows(key_valid, lay, shape)
+        acc_rows, lse_rows = _rows(acc, lay), _rows(acc_lse, lay)
+        branch_states = []
+        for c0, c1 in _chunks(lay, q_rows.shape[0], h * d):
+            bias, no_key = _branch_keys(
+                None if key_rows is None else key_rows[c0:c1], lay, plan.causal
+            )
+            o, lse, state = plan.backend.forward(
+                _kernel_input(q_rows[c0:c1], lay), _kernel_input(k_rows[c0:c1], lay),
+                _kernel_input(v_rows[c0:c1], lay), bias, plan.causal, plan.dropout_p, plan.scale,
+            )  # fmt: skip
+            branch_states.append(state)
+            if no_key is not None:
+                o = o.masked_fill(no_key[..., None], 0.0)
+                lse = lse.masked_fill(no_key, float("-inf"))
+            parts_o, parts_l = _parts(acc_rows[c0:c1], lay), _parts(lse_rows[c0:c1], lay)
+            src_o = _from_kernel(o, parts_o)
+            src_l = _from_kernel(lse.to(acc_dtype).unsqueeze(-1), parts_l)
+            for po, pl, so, sl in zip(parts_o, parts_l, src_o, src_l):
+                if index == 0:  # nothing merged yet: the branch's result is the merge
+                    po.copy_(so)
+                    pl.copy_(sl)
+                else:
+                    _merge_(po, pl, so, sl)
+        _write_back(acc, acc_rows, lay)
+        _write_back(acc_lse, lse_rows, lay)
+        states.append(branch_states)
+    return acc.to(q.dtype), acc_lse.squeeze(-1), states
+
+
+def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
+    """Adds the exact gradients into grads = [dq, dk, dv] (B, N, H, D), which start empty."""
+    b, n, h, d = q.shape
+    shape = _Shape(q)
+    branches = _ordered(plan)
+    if branches[0][1] != 1:
+        for g in grads:
+            g.zero_()
     # rows that attend to nothing: make exp(score - lse) exactly 0 in every kernel
     lse_b = lse.masked_fill(torch.isinf(lse), NO_KEY_LSE).unsqueeze(-1)  # (B, N, H, 1)
-    grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
-    for (w, r), state in zip(plan.branches, states):
+    for index, ((w, r), branch_states) in enumerate(zip(branches, states)):
         lay = BranchLayout.of(n, h, w, r)
-        bias, _ = _branch_keys(_valid_or_all(key_valid, lay, q), lay, h, plan.causal)
-        lse_k = gather(lse_b, lay, fill=NO_KEY_LSE).squeeze(-1).transpose(1, 2).contiguous()
-        branch_grads = plan.backend.backward(
-            _kernel_view(dout, lay), _kernel_view(q, lay), _kernel_view(k, lay),
-            _kernel_view(v, lay), _kernel_view(out, lay), lse_k, bias, plan.causal,
-            plan.dropout_p, plan.scale, state,
-        )  # fmt: skip
-        for acc, g in zip(grads, branch_grads):
-            _add_branch(acc, _segment_view(g, lay, b), lay)
-    return grads
-
-
-def _add_branch(acc: torch.Tensor, g_seg: torch.Tensor, lay: BranchLayout) -> None:
-    seg = to_segments(acc, lay)
-    parts = dilated_parts(seg, lay)
-    for part, src in zip(parts, split_heads_like(g_seg, parts)):
-        part.add_(src)
-    if lay.needs_padding:
-        acc.copy_(from_segments(seg, lay))
+        rows = [_rows(t, lay) for t in (dout, q, k, v, out)]
+        lse_rows = _rows(lse_b, lay, fill=NO_KEY_LSE)
+        key_rows = _key_rows(key_valid, lay, shape)
+        grad_rows = [_rows(g, lay) for g in grads]
+        for (c0, c1), state in zip(_chunks(lay, rows[1].shape[0], h * d), branch_states):
+            bias, _ = _branch_keys(None if key_rows is None else key_rows[c0:c1], lay, plan.causal)
+            lse_k = _kernel_input(lse_rows[c0:c1], lay).squeeze(-1).contiguous()
+            branch_grads = plan.backend.backward(
+                *(_kernel_input(t[c0:c1], lay) for t in rows), lse_k, bias, plan.causal,
+                plan.dropout_p, plan.scale, state,
+            )  # fmt: skip
+            for acc_rows, g in zip(grad_rows, branch_grads):
+                parts = _parts(acc_rows[c0:c1], lay)
+                for part, src in zip(parts, _from_kernel(g, parts)):
+                    part.copy_(src) if index == 0 else part.add_(src)
+        for g, acc_rows in zip(grads, grad_rows):
+            _write_back(g, acc_rows, lay)
 
 
 class _DilatedAttention(torch.autograd.Function):
+    """Inputs q, k, v (B, N, H, D), or a packed qkv (B, N, 3, H, D) with k = v = None."""
+
     @staticmethod
     def forward(ctx, q, k, v, key_valid, plan):
+        packed = k is None
+        if packed:
+            q, k, v = q.unbind(2)
         out, lse, states = _forward(q, k, v, key_valid, plan)
         ctx.save_for_backward(q, k, v, out, lse, key_valid)
-        ctx.plan, ctx.states = plan, states
+        ctx.plan, ctx.states, ctx.packed = plan, states, packed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, key_valid = ctx.saved_tensors
-        dq, dk, dv = _backward(
-            dout.contiguous(), q, k, v, out, lse, key_valid, ctx.plan, ctx.states
-        )
-        return dq, dk, dv, None, None
+        if ctx.packed:
+            dqkv = torch.empty(*q.shape[:2], 3, *q.shape[2:], dtype=q.dtype, device=q.device)
+            grads = list(dqkv.unbind(2))
+        else:
+            grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+        _backward(dout.contiguous(), q, k, v, out, lse, key_valid, ctx.plan, ctx.states, grads)
+        if ctx.packed:
+            return dqkv, None, None, None, None
+        return *grads, None, None

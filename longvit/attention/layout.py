@@ -126,7 +126,11 @@ def dilated_parts(xs: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
 
 def gather(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
     """The branch's tokens of x (B, N, H, D) as (B * S, m, H, D); a view when r == 1."""
-    xs = to_segments(x, lay, fill)
+    return gather_segments(to_segments(x, lay, fill), lay)
+
+
+def gather_segments(xs: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
+    """The branch's tokens of xs (B, S, w_padded, H, D) as (B * S, m, H, D)."""
     b, s = xs.shape[:2]
     if lay.dilation_rate == 1:
         return xs.reshape(b * s, lay.m, *xs.shape[3:])

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from longvit.attention.dilated import dilated_attention
+from longvit.attention.dilated import dilated_attention_packed
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
 
 
@@ -78,9 +78,9 @@ class MultiheadDilatedAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        out = dilated_attention(
-            q, k, v, self.schedule(n), self.dilation_rates,
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        out = dilated_attention_packed(
+            qkv, self.schedule(n), self.dilation_rates,
             causal=self.causal, key_padding_mask=key_padding_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale, backend=self.backend,
