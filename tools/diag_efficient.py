@@ -23,8 +23,12 @@ for n in (64, 1024):
     ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     want = torch.autograd.grad(ref, (q, k, v), go)
     lo = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):  # fmt: skip
+    kernels = {
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+    }
+    for name, backend in kernels.items():
         with sdpa_kernel(backend):
             o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in lo)).transpose(1, 2)
         g = torch.autograd.grad(o, lo, go.bfloat16())
