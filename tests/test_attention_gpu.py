@@ -85,18 +85,27 @@ def test_float64_on_gpu_is_exact():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_layer_peak_memory_is_near_its_tensors():
-    """No diag_embed-style blow-up: peak stays a small multiple of q/k/v sizes."""
+def _layer_peak(n, dim, heads, ws, rs):
     from longvit.attention import MultiheadDilatedAttention
 
-    n, dim, heads = 65536, 768, 12
-    layer = MultiheadDilatedAttention(dim, heads, "auto").cuda().to(torch.bfloat16)
+    layer = MultiheadDilatedAttention(dim, heads, ws, rs).cuda().to(torch.bfloat16)
     x = torch.randn(1, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     layer(x).sum().backward()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    token_bytes = x.numel() * x.element_size()  # one (N, C) bf16 tensor
-    assert peak < 16 * token_bytes, peak / token_bytes
+    return torch.cuda.max_memory_allocated() - base, x.numel() * x.element_size()
+
+
+def test_layer_peak_memory_does_not_grow_with_dilation():
+    """No diag_embed-style (.., r, r) tensors: rates up to 512 cost what rates up to 16 cost,
+    and the peak is a small multiple of one (N, C) activation."""
+    n = 2**20
+    small, token_bytes = _layer_peak(n, 768, 12, [n // 16 * 2**i for i in range(5)],
+                                     [1, 2, 4, 8, 16])  # fmt: skip
+    large, _ = _layer_peak(n, 768, 12, [2048 * 2**i for i in range(10)],
+                           [2**i for i in range(10)])  # fmt: skip
+    assert large < 1.1 * small, (large / 2**30, small / 2**30)
+    assert small < 14 * token_bytes, small / token_bytes

@@ -16,7 +16,7 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-for n in (64, 1024):
+for n in (1024,):
     q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.float64, requires_grad=True)
                for _ in range(3))  # fmt: skip
     go = torch.randn_like(q)

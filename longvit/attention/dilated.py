@@ -241,11 +241,17 @@ class _Shape(tuple):
 
 
 def _merge_(out_v, lse_v, o, lse):
-    """out_v, lse_v: views of the accumulators; o, lse: a branch's result. In place."""
-    new = torch.logaddexp(lse_v, lse)
-    ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows with no key yet
-    out_v.mul_(torch.exp(lse_v - ref)).add_(o * torch.exp(lse - ref))
-    lse_v.copy_(new)
+    """Merge a branch (o, lse) into views of the accumulators (out_v, lse_v), in place.
+
+    out * sigmoid(lse_v - lse) + o * sigmoid(lse - lse_v) = lerp(out, o, sigmoid(lse - lse_v)):
+    the two-way softmax over denominators. Rows without keys carry NO_KEY (finite),
+    so no inf - inf ever appears: two such rows give weight 1/2 to two zeros.
+    """
+    delta = lse - lse_v
+    out_v.lerp_(o.to(out_v.dtype), torch.sigmoid(delta))
+    torch.logaddexp(lse_v, lse, out=lse_v) if lse_v.is_contiguous() else lse_v.copy_(
+        torch.logaddexp(lse_v, lse)
+    )
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,7 +273,7 @@ def _forward(q, k, v, key_valid, plan: _Plan):
     covers_all = branches[0][1] == 1
     alloc = torch.empty if covers_all else torch.zeros
     acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
-    acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=acc_dtype, device=q.device)
+    acc_lse = torch.full((b, n, h, 1), NO_KEY, dtype=acc_dtype, device=q.device)
     states: list[list[KernelState]] = []
     for index, (w, r) in enumerate(branches):
         lay = BranchLayout.of(n, h, w, r)
@@ -286,7 +292,7 @@ def _forward(q, k, v, key_valid, plan: _Plan):
             branch_states.append(state)
             if no_key is not None:
                 o = o.masked_fill(no_key[..., None], 0.0)
-                lse = lse.masked_fill(no_key, float("-inf"))
+                lse = lse.masked_fill(no_key, NO_KEY)
             parts_o, parts_l = _parts(acc_rows[c0:c1], lay), _parts(lse_rows[c0:c1], lay)
             src_o = _from_kernel(o, parts_o)
             src_l = _from_kernel(lse.to(acc_dtype).unsqueeze(-1), parts_l)
@@ -302,6 +308,10 @@ def _forward(q, k, v, key_valid, plan: _Plan):
     return acc.to(q.dtype), acc_lse.squeeze(-1), states
 
 
+# A query with no key in a branch gets this LSE (finite: merges stay free of inf - inf).
+NO_KEY = -1.0e30
+
+
 def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
     """Adds the exact gradients into grads = [dq, dk, dv] (B, N, H, D), which start empty."""
     b, n, h, d = q.shape
@@ -311,7 +321,7 @@ def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
         for g in grads:
             g.zero_()
     # rows that attend to nothing: make exp(score - lse) exactly 0 in every kernel
-    lse_b = lse.masked_fill(torch.isinf(lse), NO_KEY_LSE).unsqueeze(-1)  # (B, N, H, 1)
+    lse_b = lse.masked_fill(lse < NO_KEY / 2, NO_KEY_LSE).unsqueeze(-1)  # (B, N, H, 1)
     for index, ((w, r), branch_states) in enumerate(zip(branches, states)):
         lay = BranchLayout.of(n, h, w, r)
         rows = [_rows(t, lay) for t in (dout, q, k, v, out)]
