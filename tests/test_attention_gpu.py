@@ -13,7 +13,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-FUSED = ["cudnn", "flash", "efficient", "auto"]
+FUSED = ["cudnn", "flash", "auto"]
 
 CASES = {
     # (B, N, H, D, segment_lengths, dilation_rates, causal, masked)
@@ -63,6 +63,16 @@ def test_fused_matches_reference(case, backend, dtype):
     assert _rel(out, ref) < 1e-2
     for name, g1, g2 in zip("qkv", got, want):
         assert _rel(g1, g2) < 1e-2, f"d{name}: {_rel(g1, g2)}"
+
+
+def test_efficient_is_forward_only():
+    q, k, v = (torch.randn(1, 777, 6, 32, device="cuda", dtype=torch.float64) for _ in range(3))
+    ref = dilated_attention_reference(q, k, v, [64, 256, 1024], [1, 2, 4])
+    lo = [t.bfloat16() for t in (q, k, v)]
+    out = dilated_attention(*lo, [64, 256, 1024], [1, 2, 4], backend="efficient")
+    assert _rel(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="forward-only"):
+        dilated_attention(*(t.requires_grad_() for t in lo), [64], [1], backend="efficient")
 
 
 def test_float32_efficient_and_math():

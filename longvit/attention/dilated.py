@@ -94,7 +94,14 @@ def dilated_attention(
         causal=bool(causal),
         dropout_p=float(dropout_p),
         scale=default_scale(q.shape[-1], scale),
-        backend=resolve_backend(backend, q.device, q.dtype, q.shape[-1], dropout_p),
+        backend=resolve_backend(
+            backend,
+            q.device,
+            q.dtype,
+            q.shape[-1],
+            dropout_p,
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        ),
     )
     key_valid = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
     if packed:
