@@ -5,6 +5,7 @@ from longvit.attention.dilated import dilated_attention, dilated_attention_packe
 from longvit.attention.module import MultiheadDilatedAttention
 from longvit.attention.reference import dilated_attention_reference, multiplicity
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
+from longvit.attention.sequence_parallel import shard_sequence
 
 __all__ = [
     "BACKENDS",
@@ -17,4 +18,5 @@ __all__ = [
     "multiplicity",
     "resolve_backend",
     "segment_schedule",
+    "shard_sequence",
 ]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from longvit.attention.backends import (
     NO_KEY_LSE,
     Backend,
-    KernelState,
     default_scale,
     resolve_backend,
 )
@@ -44,6 +44,7 @@ class _Plan:
     dropout_p: float
     scale: float
     backend: Backend
+    sp: Any = None  # a SequenceParallel when q, k, v are one process's shard
 
 
 def dilated_attention(
@@ -58,6 +59,7 @@ def dilated_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str = "auto",
+    sp_group: Any = None,
 ) -> torch.Tensor:
     """LongNet dilated attention with exact values and gradients.
 
@@ -72,6 +74,12 @@ def dilated_attention(
         scale: softmax scale, 1 / sqrt(D) when None.
         backend: "auto" (fastest available), "math", "cpu_flash", "cudnn",
             "flash", "efficient" or "flash_attn".
+        sp_group: a torch.distributed process group for sequence parallelism. Then
+            q, k, v (and key_padding_mask) are this rank's contiguous shard of the
+            sequence: equal shards in rank order, N = N_local * world size (pad the
+            last shard and mask the padding). Branches whose segments fit in a shard
+            run locally; larger ones all-gather the dilated keys and values of the
+            ranks that hold the segment (see longvit.attention.sequence_parallel).
 
     Returns:
         (B, N, H, D) in q's dtype. A query with no key in any branch gives 0.
@@ -81,7 +89,12 @@ def dilated_attention(
         qkv = q
         q, k, v = qkv.unbind(2)
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
-    n = q.shape[1]
+    sp = None
+    if sp_group is not None:
+        from longvit.attention.sequence_parallel import SequenceParallel
+
+        sp = SequenceParallel(sp_group, q.shape[1])
+    n = q.shape[1] if sp is None else sp.n_global
     if isinstance(segment_lengths, str):
         if segment_lengths != "auto":
             raise ValueError(f"segment_lengths must be a list or 'auto', got {segment_lengths!r}")
@@ -89,6 +102,8 @@ def dilated_attention(
     segment_lengths = [int(w) if _is_int(w) else w for w in segment_lengths]
     dilation_rates = [int(r) if _is_int(r) else r for r in dilation_rates]
     check_schedule(segment_lengths, dilation_rates)
+    if sp is not None:
+        sp.check_branches(segment_lengths, dilation_rates)
     plan = _Plan(
         branches=tuple(zip(segment_lengths, dilation_rates)),
         causal=bool(causal),
@@ -102,6 +117,7 @@ def dilated_attention(
             dropout_p,
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         ),
+        sp=sp,
     )
     key_valid = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
     if packed:
@@ -219,13 +235,20 @@ def _branch_keys(key_valid_rows, lay: BranchLayout, causal: bool):
     """
     if key_valid_rows is None:
         return None, None
-    valid = _kernel_input(key_valid_rows, lay).squeeze(-1)  # (C, H, m)
+    return keys_from_valid(_kernel_input(key_valid_rows, lay).squeeze(-1), causal)
+
+
+def keys_from_valid(valid: torch.Tensor, causal: bool):
+    """valid (C, H, L) bool, True = a key -> (bias (C, H, 1, L) 0/-inf or None, no_key rows).
+
+    no_key (C, H, L) for causal (no valid key at or before the query; queries and keys
+    are the same positions), else (C, H, 1): the row has no valid key at all."""
     if bool(valid.all()):
         return None, None
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     bias = bias.masked_fill(~valid, float("-inf")).unsqueeze(2)
     has_key = valid.cummax(dim=-1).values if causal else valid.any(-1, keepdim=True)
-    return bias, ~has_key.expand_as(valid)
+    return bias, ~has_key
 
 
 def _key_rows(key_valid, lay: BranchLayout, shape):
@@ -272,82 +295,133 @@ def _ordered(plan: _Plan):
     return sorted(plan.branches, key=lambda wr: wr[1] != 1)
 
 
+def _is_local(plan: _Plan, w: int) -> bool:
+    """Whether a branch's segments lie inside this process's tokens."""
+    return plan.sp is None or plan.sp.is_local(w)
+
+
+def _starts_covered(plan: _Plan, branches) -> bool:
+    """True when the first branch is local with rate 1: it alone covers every (position,
+    head), so the accumulators start as its result (no zero fill, no merge)."""
+    w, r = branches[0]
+    return r == 1 and _is_local(plan, w)
+
+
 def _forward(q, k, v, key_valid, plan: _Plan):
     b, n, h, d = q.shape
-    shape = _Shape(q)
     acc_dtype = _accumulator_dtype(q.dtype)
     branches = _ordered(plan)
-    covers_all = branches[0][1] == 1
-    alloc = torch.empty if covers_all else torch.zeros
+    first_copies = _starts_covered(plan, branches)
+    alloc = torch.empty if first_copies else torch.zeros
     acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
     acc_lse = torch.full((b, n, h, 1), NO_KEY, dtype=acc_dtype, device=q.device)
-    states: list[list[KernelState]] = []
+    states: list = []
     for index, (w, r) in enumerate(branches):
-        lay = BranchLayout.of(n, h, w, r)
-        q_rows, k_rows, v_rows = _rows(q, lay), _rows(k, lay), _rows(v, lay)
-        key_rows = _key_rows(key_valid, lay, shape)
-        acc_rows, lse_rows = _rows(acc, lay), _rows(acc_lse, lay)
-        branch_states = []
-        for c0, c1 in _chunks(lay, q_rows.shape[0], h * d):
-            bias, no_key = _branch_keys(
-                None if key_rows is None else key_rows[c0:c1], lay, plan.causal
-            )
-            o, lse, state = plan.backend.forward(
-                _kernel_input(q_rows[c0:c1], lay), _kernel_input(k_rows[c0:c1], lay),
-                _kernel_input(v_rows[c0:c1], lay), bias, plan.causal, plan.dropout_p, plan.scale,
-            )  # fmt: skip
-            branch_states.append(state)
-            if no_key is not None:
-                o = o.masked_fill(no_key[..., None], 0.0)
-                lse = lse.masked_fill(no_key, NO_KEY)
-            parts_o, parts_l = _parts(acc_rows[c0:c1], lay), _parts(lse_rows[c0:c1], lay)
-            src_o = _from_kernel(o, parts_o)
-            src_l = _from_kernel(lse.to(acc_dtype).unsqueeze(-1), parts_l)
-            for po, pl, so, sl in zip(parts_o, parts_l, src_o, src_l):
-                if index == 0:  # nothing merged yet: the branch's result is the merge
-                    po.copy_(so)
-                    pl.copy_(sl)
-                else:
-                    _merge_(po, pl, so, sl)
-        _write_back(acc, acc_rows, lay)
-        _write_back(acc_lse, lse_rows, lay)
-        states.append(branch_states)
+        if _is_local(plan, w):
+            lay = BranchLayout.of(n, h, w, r)
+            copy = index == 0 and first_copies
+            states.append(_local_forward(q, k, v, key_valid, lay, plan, acc, acc_lse, copy))
+        else:
+            states.append(plan.sp.branch_forward(q, k, v, key_valid, w, r, plan, acc, acc_lse))
     return acc.to(q.dtype), acc_lse.squeeze(-1), states
+
+
+def _local_forward(q, k, v, key_valid, lay, plan: _Plan, acc, acc_lse, copy: bool):
+    """One branch whose segments are all in q, k, v; merged into acc, acc_lse in place."""
+    h, d = q.shape[2:]
+    q_rows, k_rows, v_rows = _rows(q, lay), _rows(k, lay), _rows(v, lay)
+    key_rows = _key_rows(key_valid, lay, _Shape(q))
+    acc_rows, lse_rows = _rows(acc, lay), _rows(acc_lse, lay)
+    branch_states = []
+    for c0, c1 in _chunks(lay, q_rows.shape[0], h * d):
+        bias, no_key = _branch_keys(None if key_rows is None else key_rows[c0:c1], lay, plan.causal)
+        o, lse, state = plan.backend.forward(
+            _kernel_input(q_rows[c0:c1], lay), _kernel_input(k_rows[c0:c1], lay),
+            _kernel_input(v_rows[c0:c1], lay), bias, plan.causal, plan.dropout_p, plan.scale,
+        )  # fmt: skip
+        branch_states.append(state)
+        o, lse = _clear_no_key(o, lse, no_key)
+        merge_kernel_output(acc_rows[c0:c1], lse_rows[c0:c1], o, lse, lay, copy)
+    _write_back(acc, acc_rows, lay)
+    _write_back(acc_lse, lse_rows, lay)
+    return branch_states
+
+
+def _clear_no_key(o, lse, no_key):
+    """Rows that attend to no key: output 0, LSE NO_KEY (whatever the kernel gave)."""
+    if no_key is None:
+        return o, lse
+    return o.masked_fill(no_key[..., None], 0.0), lse.masked_fill(no_key, NO_KEY)
+
+
+def merge_kernel_output(acc_rows, lse_rows, o, lse, lay: BranchLayout, copy: bool) -> None:
+    """Merge a kernel result o (C, H, m, D), lse (C, H, m) into accumulator segment rows
+    acc_rows (C, w_padded, H, D), lse_rows (C, w_padded, H, 1) at the branch's positions."""
+    parts_o, parts_l = _parts(acc_rows, lay), _parts(lse_rows, lay)
+    src_o = _from_kernel(o, parts_o)
+    src_l = _from_kernel(lse.to(lse_rows.dtype).unsqueeze(-1), parts_l)
+    for po, pl, so, sl in zip(parts_o, parts_l, src_o, src_l):
+        if copy:  # nothing merged yet: the branch's result is the merge
+            po.copy_(so)
+            pl.copy_(sl)
+        else:
+            _merge_(po, pl, so, sl)
+
+
+def add_kernel_grad(acc_rows, g, lay: BranchLayout, copy: bool) -> None:
+    """Add (or copy) a kernel gradient g (C, H, m, D) into segment rows (C, w_padded, H, D)."""
+    parts = _parts(acc_rows, lay)
+    for part, src in zip(parts, _from_kernel(g, parts)):
+        part.copy_(src) if copy else part.add_(src)
 
 
 # A query with no key in a branch gets this LSE (finite: merges stay free of inf - inf).
 NO_KEY = -1.0e30
 
 
+def backward_lse(lse: torch.Tensor) -> torch.Tensor:
+    """Merged LSE (B, N, H) -> (B, N, H, 1) for the kernels' backward: rows that attend to
+    nothing get +NO_KEY_LSE so that exp(score - lse) is exactly 0 there."""
+    return lse.masked_fill(lse < NO_KEY / 2, NO_KEY_LSE).unsqueeze(-1)
+
+
 def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
-    """Adds the exact gradients into grads = [dq, dk, dv] (B, N, H, D), which start empty."""
-    b, n, h, d = q.shape
-    shape = _Shape(q)
+    """Writes the exact gradients into grads = [dq, dk, dv] (B, N, H, D), which start empty."""
+    n, h = q.shape[1:3]
     branches = _ordered(plan)
-    if branches[0][1] != 1:
+    first_copies = _starts_covered(plan, branches)
+    if not first_copies:
         for g in grads:
             g.zero_()
-    # rows that attend to nothing: make exp(score - lse) exactly 0 in every kernel
-    lse_b = lse.masked_fill(lse < NO_KEY / 2, NO_KEY_LSE).unsqueeze(-1)  # (B, N, H, 1)
+    lse_b = backward_lse(lse)
     for index, ((w, r), branch_states) in enumerate(zip(branches, states)):
-        lay = BranchLayout.of(n, h, w, r)
-        rows = [_rows(t, lay) for t in (dout, q, k, v, out)]
-        lse_rows = _rows(lse_b, lay, fill=NO_KEY_LSE)
-        key_rows = _key_rows(key_valid, lay, shape)
-        grad_rows = [_rows(g, lay) for g in grads]
-        for (c0, c1), state in zip(_chunks(lay, rows[1].shape[0], h * d), branch_states):
-            bias, _ = _branch_keys(None if key_rows is None else key_rows[c0:c1], lay, plan.causal)
-            lse_k = _kernel_input(lse_rows[c0:c1], lay).squeeze(-1).contiguous()
-            branch_grads = plan.backend.backward(
-                *(_kernel_input(t[c0:c1], lay) for t in rows), lse_k, bias, plan.causal,
-                plan.dropout_p, plan.scale, state,
-            )  # fmt: skip
-            for acc_rows, g in zip(grad_rows, branch_grads):
-                parts = _parts(acc_rows[c0:c1], lay)
-                for part, src in zip(parts, _from_kernel(g, parts)):
-                    part.copy_(src) if index == 0 else part.add_(src)
-        for g, acc_rows in zip(grads, grad_rows):
-            _write_back(g, acc_rows, lay)
+        if _is_local(plan, w):
+            lay = BranchLayout.of(n, h, w, r)
+            copy = index == 0 and first_copies
+            _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, branch_states,
+                            grads, copy)  # fmt: skip
+        else:
+            plan.sp.branch_backward(dout, q, k, v, out, lse_b, key_valid, w, r, plan,
+                                    branch_states, grads)  # fmt: skip
+
+
+def _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, branch_states, grads, copy):
+    h, d = q.shape[2:]
+    rows = [_rows(t, lay) for t in (dout, q, k, v, out)]
+    lse_rows = _rows(lse_b, lay, fill=NO_KEY_LSE)
+    key_rows = _key_rows(key_valid, lay, _Shape(q))
+    grad_rows = [_rows(g, lay) for g in grads]
+    for (c0, c1), state in zip(_chunks(lay, rows[1].shape[0], h * d), branch_states):
+        bias, _ = _branch_keys(None if key_rows is None else key_rows[c0:c1], lay, plan.causal)
+        lse_k = _kernel_input(lse_rows[c0:c1], lay).squeeze(-1).contiguous()
+        branch_grads = plan.backend.backward(
+            *(_kernel_input(t[c0:c1], lay) for t in rows), lse_k, bias, plan.causal,
+            plan.dropout_p, plan.scale, state,
+        )  # fmt: skip
+        for acc_rows, g in zip(grad_rows, branch_grads):
+            add_kernel_grad(acc_rows[c0:c1], g, lay, copy)
+    for g, acc_rows in zip(grads, grad_rows):
+        _write_back(g, acc_rows, lay)
 
 
 class _DilatedAttention(torch.autograd.Function):

@@ -65,6 +65,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    # Set by a parallelize step (or pass sp_group to forward): the model never knows ranks.
+    sp_group = None
+
     def schedule(self, num_tokens: int) -> list[int]:
         """Segment lengths used for a sequence of num_tokens tokens."""
         if self.segment_lengths == "auto":
