@@ -75,15 +75,24 @@ class MultiheadDilatedAttention(nn.Module):
         return list(self.segment_lengths)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        sp_group=None,
     ) -> torch.Tensor:
-        """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C)."""
+        """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C).
+
+        With sequence parallelism (sp_group here or as an attribute) x is this rank's
+        shard of N_local tokens and the schedule is derived from N_local * world size.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
+        group = sp_group if sp_group is not None else self.sp_group
+        n_global = n if group is None else n * torch.distributed.get_world_size(group)
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         out = dilated_attention_packed(
-            qkv, self.schedule(n), self.dilation_rates,
+            qkv, self.schedule(n_global), self.dilation_rates, sp_group=group,
             causal=self.causal, key_padding_mask=key_padding_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale, backend=self.backend,
