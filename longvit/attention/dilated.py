@@ -215,17 +215,16 @@ def _write_back(x: torch.Tensor, rows: torch.Tensor, lay: BranchLayout) -> None:
 
 def _kernel_input(rows: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
     """Segment rows (C, w_padded, H, D) -> the kernel's (C, H, m, D) (last dim contiguous)."""
-    return gather_segments(rows.unsqueeze(0), lay).transpose(1, 2)
+    return gather_segments(rows, lay).transpose(1, 2)
 
 
 def _parts(rows: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
-    return dilated_parts(rows.unsqueeze(0), lay)
+    return dilated_parts(rows, lay)
 
 
 def _from_kernel(y: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Kernel output (C, H, m, X) cut like the views of _parts."""
-    c, h, m, x = y.shape
-    return split_heads_like(y.transpose(1, 2).reshape(1, c, m, h, x), parts)
+    return split_heads_like(y.transpose(1, 2), parts)
 
 
 def _branch_keys(key_valid_rows, lay: BranchLayout, causal: bool):

@@ -106,21 +106,31 @@ def _pad_dim(x: torch.Tensor, dim: int, amount: int, fill: float | bool) -> torc
 
 
 def dilated_parts(xs: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
-    """Views of the branch's positions in segment layout.
+    """Views of the branch's positions in segment layout, built by one as_strided each.
 
-    xs: (B, S, w_padded, H, D). Returns views of shape (B, S, m, groups, G, D):
-    one for the full head groups and, when H is not a multiple of G, one for
-    the last partial group (groups = 1). Concatenated over heads they are the
-    branch's (B, S, m, H, D) tokens; writing into them writes into xs.
+    xs: (*lead, w_padded, H, X), e.g. (B, S, w_padded, H, D) or segment rows
+    (C, w_padded, H, D). Returns views of shape (*lead, m, groups, G, X): one for the
+    full head groups and, when H is not a multiple of G, one for the last partial
+    group (groups = 1). Head group o holds positions j * r + o: stepping to the next
+    group moves one position and G heads at once, so the group axis has stride
+    (position stride + G * head stride). Writing into the views writes into xs.
     """
-    b, s, _, h, d = xs.shape
-    r, g, nf = lay.dilation_rate, lay.group, lay.full_groups
-    x6 = xs.view(b, s, lay.m, r, h, d)  # position = j * r + offset
-    full = x6[:, :, :, :, : nf * g].unflatten(4, (nf, g))  # (B, S, m, r, nf, G, D)
-    # diagonal pairs offset o with head group o: (B, S, m, G, D, nf) -> (B, S, m, nf, G, D)
-    parts = [torch.diagonal(full, dim1=3, dim2=4).movedim(-1, 3)]
+    *lead, w_padded, h, x = xs.shape
+    if w_padded != lay.padded_length or h != lay.num_heads:
+        raise ValueError(f"segment tensor {tuple(xs.shape)} does not match {lay}")
+    *lead_st, s_w, s_h, s_x = xs.stride()
+    r, g, nf, m = lay.dilation_rate, lay.group, lay.full_groups, lay.m
+    base = xs.storage_offset()
+    parts = [
+        xs.as_strided((*lead, m, nf, g, x), (*lead_st, r * s_w, s_w + g * s_h, s_h, s_x), base)
+    ]
     if lay.tail_heads:
-        parts.append(x6[:, :, :, nf, nf * g :].unsqueeze(3))  # (B, S, m, 1, tail, D)
+        offset = base + nf * s_w + nf * g * s_h  # position offset nf, first head nf * G
+        parts.append(
+            xs.as_strided(
+                (*lead, m, 1, lay.tail_heads, x), (*lead_st, r * s_w, 0, s_h, s_x), offset
+            )  # fmt: skip
+        )
     return parts
 
 
@@ -130,20 +140,20 @@ def gather(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.
 
 
 def gather_segments(xs: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
-    """The branch's tokens of xs (B, S, w_padded, H, D) as (B * S, m, H, D)."""
-    b, s = xs.shape[:2]
-    if lay.dilation_rate == 1:
-        return xs.reshape(b * s, lay.m, *xs.shape[3:])
-    parts = [p.reshape(b, s, lay.m, -1, xs.shape[-1]) for p in dilated_parts(xs, lay)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
-    return out.reshape(b * s, lay.m, *out.shape[3:])
+    """The branch's tokens of xs (*lead, w_padded, H, X) as (prod(lead), m, H, X).
+
+    A view for r == 1 where the leading dims merge; one copy otherwise."""
+    parts = dilated_parts(xs, lay)
+    flat = [p.reshape(-1, lay.m, p.shape[-3] * p.shape[-2], p.shape[-1]) for p in parts]
+    out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=2)
+    return out
 
 
 def split_heads_like(src: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Cut src (B, S, m, H, D) into tensors shaped like each part of dilated_parts."""
+    """Cut src (*lead, m, H, X) into tensors shaped like each part of dilated_parts."""
     out, start = [], 0
     for p in parts:
-        heads = p.shape[3] * p.shape[4]
-        out.append(src[:, :, :, start : start + heads].unflatten(3, p.shape[3:5]))
+        heads = p.shape[-3] * p.shape[-2]
+        out.append(src[..., start : start + heads, :].unflatten(-2, p.shape[-3:-1]))
         start += heads
     return out
