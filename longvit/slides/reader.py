@@ -50,8 +50,10 @@ def _open_handle(path: Path) -> openslide.AbstractSlide:
     try:
         if openslide.OpenSlide.detect_format(str(path)) is not None:
             return openslide.OpenSlide(str(path))
-        with Image.open(path) as probe:  # not an OpenSlide format: a plain image?
-            probe.verify()
+        # Not an OpenSlide format: a plain image? Decode it fully now, as ImageSlide will on
+        # first read, so a truncated or damaged file fails here with its real cause.
+        with Image.open(path) as probe:
+            probe.load()
         return openslide.ImageSlide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as err:
         raise SlideOpenError(
