@@ -59,13 +59,17 @@ def test_override_beats_metadata(slides):
     assert Slide(slides["aperio"].path, mpp_override=0.2).mpp == 0.2
 
 
+SPACING = "philips.DICOM_PIXEL_SPACING"
+CM = {"tiff.ResolutionUnit": "centimeter"}
+
+
 @pytest.mark.parametrize(
     ("properties", "expected", "source"),
     [
         ({"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2529"}, 0.2528, "openslide.mpp-x"),
         ({"aperio.MPP": "0.499"}, 0.499, "aperio.MPP"),
-        ({"philips.DICOM_PIXEL_SPACING": '"0.000250" "0.000250"'}, 0.25, "philips.DICOM_PIXEL_SPACING"),
-        ({"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"}, 0.25, "tiff.XResolution"),
+        ({SPACING: '"0.00025" "0.00025"'}, 0.25, SPACING),
+        ({"tiff.XResolution": "40000", **CM}, 0.25, "tiff.XResolution"),
         ({"tiff.XResolution": "101600", "tiff.ResolutionUnit": "inch"}, 0.25, "tiff.XResolution"),
     ],
 )  # fmt: skip
@@ -127,7 +131,11 @@ def test_read_at_mpp_uses_the_pyramid(slides, monkeypatch):
     slide = Slide(slides["aperio"].path)  # levels 1, 4, 16 at 0.25 um/px
     calls = []
     original = Slide.read_region
-    monkeypatch.setattr(Slide, "read_region", lambda s, loc, lvl, size: calls.append((lvl, size)) or original(s, loc, lvl, size))
+    monkeypatch.setattr(
+        Slide,
+        "read_region",
+        lambda s, loc, lvl, size: calls.append((lvl, size)) or original(s, loc, lvl, size),
+    )
     slide.read_region_at_mpp((0, 0), (64, 64), target_mpp=2.0)  # downsample 8 -> level 1 (4x)
     assert calls == [(1, (128, 128))]
 

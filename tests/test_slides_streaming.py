@@ -63,7 +63,11 @@ def test_corrupt_tile_is_reported_and_the_batch_goes_on(tmp_path, caplog):
     assert batch["index"].tolist() == [0, 2, 3]
     assert len(dataset.failures) == 1 and dataset.failures[0].location == (300, 0)
     assert "bad.tif" in caplog.text
-    assert [i for i, _ in iter_tiles(Slide(spec.path), coords, target_mpp=0.5, tile_size=64)] == [0, 2, 3]
+    assert [i for i, _ in iter_tiles(Slide(spec.path), coords, target_mpp=0.5, tile_size=64)] == [
+        0,
+        2,
+        3,
+    ]
 
 
 def test_patch_sequence_positions_and_pixels(spec, monkeypatch):
@@ -71,7 +75,11 @@ def test_patch_sequence_positions_and_pixels(spec, monkeypatch):
     tissue, _ = find_tissue(slide, thumbnail_size=512)
     sizes = []
     original = Slide.read_region
-    monkeypatch.setattr(Slide, "read_region", lambda s, loc, lvl, size: sizes.append(size) or original(s, loc, lvl, size))
+    monkeypatch.setattr(
+        Slide,
+        "read_region",
+        lambda s, loc, lvl, size: sizes.append(size) or original(s, loc, lvl, size),
+    )
     seq = read_patch_sequence(slide, 0.5, patch_size=32, min_tissue=0.5, tissue=tissue, block=8)
     # tissue only: about the written tissue fraction of the 32 x 24 patch grid
     grid = seq.grid

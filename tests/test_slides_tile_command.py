@@ -74,17 +74,24 @@ def test_tile_directory_reports_failures_and_goes_on(slide_dir, tmp_path, capsys
     # rerun: complete outputs are skipped; the failures are tried again
     before = (out / "patches" / "good one.h5").stat().st_mtime_ns
     code = tile_main([str(slide_dir), "--out", str(out), *ARGS])
-    assert code == 1 and "0 done, 4 skipped as already complete, 3 failed" in capsys.readouterr().out
+    assert (
+        code == 1 and "0 done, 4 skipped as already complete, 3 failed" in capsys.readouterr().out
+    )
     assert (out / "patches" / "good one.h5").stat().st_mtime_ns == before
 
     # the override rescues the slide without mpp; other settings re-tile, not skip
-    code = tile_main([str(slide_dir / "no_mpp.tif"), "--out", str(out), *ARGS, "--mpp-override", "0.25"])
+    code = tile_main(
+        [str(slide_dir / "no_mpp.tif"), "--out", str(out), *ARGS, "--mpp-override", "0.25"]
+    )
     assert code == 0 and _read(out, "no_mpp")[1]["mpp_source"] == "override"
 
 
 def test_tile_counts_at_two_mpps_without_tissue_detection(slide_dir, tmp_path, capsys):
     slide = slide_dir / "res.tif"  # 1600 x 1200 px at 0.5 um/px = 800 x 600 um
-    for target_mpp, expected in ((0.5, (1200 // 64) * (1600 // 64)), (2.0, (300 // 64) * (400 // 64))):
+    for target_mpp, expected in (
+        (0.5, (1200 // 64) * (1600 // 64)),
+        (2.0, (300 // 64) * (400 // 64)),
+    ):
         out = tmp_path / f"out{target_mpp}"
         code = tile_main([str(slide), "--out", str(out), "--target-mpp", str(target_mpp),
                           "--tile-size", "64", "--no-tissue-detection"])  # fmt: skip
@@ -129,11 +136,15 @@ def test_killed_run_then_rerun(slide_dir, tmp_path):
 def test_python_dash_m_longvit_tile_with_workers(slide_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    slides = [str(slide_dir / "good one.svs"), str(slide_dir / "res.tif"), str(slide_dir / "no_mpp.tif")]
+    slides = [
+        str(slide_dir / "good one.svs"),
+        str(slide_dir / "res.tif"),
+        str(slide_dir / "no_mpp.tif"),
+    ]
+    command = [sys.executable, "-m", "longvit", "tile", *slides, "--out", str(out), *ARGS]
     result = subprocess.run(
-        [sys.executable, "-m", "longvit", "tile", *slides, "--out", str(out), *ARGS, "--workers", "2"],
-        capture_output=True, text=True, env=env, timeout=180,
-    )  # fmt: skip
+        [*command, "--workers", "2"], capture_output=True, text=True, env=env, timeout=180
+    )
     assert result.returncode == 1, result.stderr
     assert "2 done, 0 skipped as already complete, 1 failed" in result.stdout
     assert "no_mpp.tif" in result.stdout and "tiling" in result.stderr  # tqdm progress bar

@@ -20,14 +20,20 @@ def spec(tmp_path_factory):
                        compression="zlib", levels=(1, 4))  # fmt: skip
 
 
-@pytest.mark.parametrize(("target_mpp", "tile", "rows", "cols"), [(0.5, 100, 10, 15), (1.0, 100, 5, 7)])
+@pytest.mark.parametrize(
+    ("target_mpp", "tile", "rows", "cols"), [(0.5, 100, 10, 15), (1.0, 100, 5, 7)]
+)
 def test_tile_counts_follow_physical_size(spec, target_mpp, tile, rows, cols):
     slide = Slide(spec.path)
     grid = TileGrid.for_slide(slide, target_mpp, tile)
     # whole tiles of tile * target_mpp microns in a 750 x 500 um slide
     width_um, height_um = spec.width * spec.mpp, spec.height * spec.mpp
     tile_um = tile * target_mpp
-    assert grid.shape == (math.floor(height_um / tile_um), math.floor(width_um / tile_um)) == (rows, cols)
+    assert (
+        grid.shape
+        == (math.floor(height_um / tile_um), math.floor(width_um / tile_um))
+        == (rows, cols)
+    )
     tiles = select_tiles(grid, TissueMask.everything(slide.dimensions), 0.0)
     assert len(tiles) == rows * cols
     assert grid.tile_size_level0 == tile * target_mpp / spec.mpp
@@ -46,7 +52,9 @@ def test_rowcol_xy_round_trip_non_integer_scale():
     assert len(rowcol) == grid.shape[0] * grid.shape[1] > 0
     np.testing.assert_array_equal(grid.grid_rowcol(grid.level0_xy(rowcol)), rowcol)
     xy = grid.level0_xy(rowcol)
-    assert xy.dtype == np.int64 and (xy[:, 0] + grid.tile_size_level0 <= grid.level0_width + 1).all()
+    assert (
+        xy.dtype == np.int64 and (xy[:, 0] + grid.tile_size_level0 <= grid.level0_width + 1).all()
+    )
 
 
 def test_slide_smaller_than_one_tile_has_no_tiles():
@@ -59,8 +67,8 @@ def test_stored_coords_give_back_the_same_pixels(spec, tmp_path):
     slide = Slide(spec.path)
     grid = TileGrid.for_slide(slide, 0.5, 64)
     tiles = select_tiles(grid, TissueMask.everything(slide.dimensions), 0.0)
-    path = write_tiles_h5(tmp_path / "grid.h5", tiles,
-                          tile_attributes(tiles, slide_path=str(spec.path), name="grid"))  # fmt: skip
+    attrs = tile_attributes(tiles, slide_path=str(spec.path), name="grid")
+    path = write_tiles_h5(tmp_path / "grid.h5", tiles, attrs)
     coords, attrs = read_tiles_h5(path)
     np.testing.assert_array_equal(coords, tiles.coords)
     assert attrs["patch_size"] == 64 and attrs["patch_size_level0"] == 128

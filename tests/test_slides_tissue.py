@@ -45,7 +45,10 @@ def test_find_tissue_on_slide_matches_written_tissue(tmp_path):
     assert tissue.downsample == pytest.approx((5.0, 5.0))
     assert tissue.mask.mean() == pytest.approx(spec.tissue_fraction(), abs=0.02)
     # the first ellipse's centre is tissue, the corner is glass
-    assert tissue.fraction(np.array([0.30 * 3000 - 50]), np.array([0.40 * 2000 - 50]), 100, 100)[0] == 1
+    assert (
+        tissue.fraction(np.array([0.30 * 3000 - 50]), np.array([0.40 * 2000 - 50]), 100, 100)[0]
+        == 1
+    )
     assert tissue.fraction(np.array([0]), np.array([0]), 100, 100)[0] == 0
 
 
@@ -62,4 +65,6 @@ def test_mask_fraction_is_area_weighted_over_mask_pixels():
     tm = TissueMask(mask, (10.0, 10.0))
     f = tm.fraction(np.array([0, 50, 30]), np.array([0, 0, 0]), 40, 40)
     np.testing.assert_allclose(f, [1.0, 0.0, 0.5])
-    assert TissueMask.everything((5000, 4000)).fraction(np.array([123]), np.array([456]), 9, 9)[0] == 1
+    assert (
+        TissueMask.everything((5000, 4000)).fraction(np.array([123]), np.array([456]), 9, 9)[0] == 1
+    )

@@ -38,6 +38,6 @@ class TileReadError(SlideError):
         self.location = (int(location[0]), int(location[1]))
         self.level = int(level)
         super().__init__(
-            path, f"cannot read the region at level-0 (x, y) = {self.location}, level {level}: "
-            f"{reason}"
+            path,
+            f"cannot read the region at level-0 (x, y) = {self.location}, level {level}: {reason}",
         )

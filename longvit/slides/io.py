@@ -112,7 +112,9 @@ def write_tiles_h5(path: str | os.PathLike, tiles: Tiles, attrs: dict) -> Path:
     path = Path(path)
     with atomic_output(path) as temp:
         with h5py.File(temp, "w") as f:
-            coords = f.create_dataset("coords", data=np.asarray(tiles.coords, np.int64).reshape(-1, 2))
+            coords = f.create_dataset(
+                "coords", data=np.asarray(tiles.coords, np.int64).reshape(-1, 2)
+            )
             f.create_dataset("grid_rowcol", data=np.asarray(tiles.rowcol, np.int64).reshape(-1, 2))
             f.create_dataset("tissue_fraction", data=np.asarray(tiles.tissue_fraction, np.float32))
             attrs = {**attrs, "savetodir": str(path.parent), "save_path": str(path.parent)}
@@ -129,9 +131,13 @@ def read_tiles_h5(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """
     with h5py.File(path, "r") as f:
         coords = np.asarray(f["coords"][()], np.int64).reshape(-1, 2)
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["coords"].attrs.items()}
+        attrs = {
+            k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["coords"].attrs.items()
+        }
     if "patch_size_level0" not in attrs and "patch_size" in attrs and "downsample" in attrs:
-        attrs["patch_size_level0"] = int(round(attrs["patch_size"] * float(np.ravel(attrs["downsample"])[0])))
+        attrs["patch_size_level0"] = int(
+            round(attrs["patch_size"] * float(np.ravel(attrs["downsample"])[0]))
+        )
     return coords, attrs
 
 

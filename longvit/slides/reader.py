@@ -57,8 +57,9 @@ def _open_handle(path: Path) -> openslide.AbstractSlide:
         return openslide.ImageSlide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as err:
         raise SlideOpenError(
-            path, f"cannot open it as a slide ({type(err).__name__}: {err}); the file is "
-            "truncated, corrupt, or not a format OpenSlide or Pillow reads"
+            path,
+            f"cannot open it as a slide ({type(err).__name__}: {err}); the file is "
+            "truncated, corrupt, or not a format OpenSlide or Pillow reads",
         ) from err
 
 
@@ -103,7 +104,9 @@ class Slide:
         if not self.path.is_file():
             raise SlideOpenError(self.path, "no such file")
         if mpp_override is not None and not mpp_override > 0:
-            raise ValueError(f"mpp_override must be a positive number of microns, got {mpp_override}")
+            raise ValueError(
+                f"mpp_override must be a positive number of microns, got {mpp_override}"
+            )
         self.mpp_override = mpp_override
         self._handle: openslide.AbstractSlide | None = None
         self._pid = -1
@@ -181,7 +184,9 @@ class Slide:
         return objective_power(self.properties)
 
     # -- pixels --------------------------------------------------------------------------------
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Read ``size`` = (w, h) pixels of pyramid ``level`` whose top-left corner is the
         level-0 pixel ``location`` = (x, y). Returns (h, w, 3) uint8 RGB.
 
@@ -221,7 +226,9 @@ class Slide:
         if level_size == (w, h):
             return region
         shrink = level_size[0] > w
-        return cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return cv2.resize(
+            region, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        )
 
     def read_thumbnail(self, max_size: int = 2048) -> Thumbnail:
         """The whole slide shrunk so its longer side is at most ``max_size`` pixels.

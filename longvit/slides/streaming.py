@@ -124,7 +124,10 @@ def iter_tiles(
     undecodable tiles are logged and skipped."""
     for index, (x, y) in enumerate(np.asarray(coords, np.int64).reshape(-1, 2)):
         try:
-            yield index, slide.read_region_at_mpp((int(x), int(y)), (tile_size, tile_size), target_mpp)
+            yield (
+                index,
+                slide.read_region_at_mpp((int(x), int(y)), (tile_size, tile_size), target_mpp),
+            )
         except TileReadError as err:
             log.warning("skipping tile %d of %s: %s", index, slide.path, err.reason)
 
@@ -188,7 +191,12 @@ def iter_patch_blocks(
             try:
                 region = slide.read_region_at_mpp(tuple(origin), (nc * p, nr * p), grid.target_mpp)
             except TileReadError as err:
-                log.warning("re-reading block at %s of %s patch by patch: %s", tuple(origin), slide.path, err.reason)
+                log.warning(
+                    "re-reading block at %s of %s patch by patch: %s",
+                    tuple(origin),
+                    slide.path,
+                    err.reason,
+                )
                 yield _read_patches_one_by_one(slide, grid, rowcol)
                 continue
             cut = region.reshape(nr, p, nc, p, 3).transpose(0, 2, 1, 3, 4)  # (nr, nc, P, P, 3)
@@ -241,7 +249,9 @@ def read_patch_sequence(
     patches = np.empty((n, patch_size, patch_size, 3), np.uint8)
     rowcol = np.empty((n, 2), np.int64)
     filled = failed = 0
-    for block_patches, block_rowcol, block_failed in iter_patch_blocks(slide, grid, keep, block=block):
+    for block_patches, block_rowcol, block_failed in iter_patch_blocks(
+        slide, grid, keep, block=block
+    ):
         k = len(block_patches)
         patches[filled : filled + k], rowcol[filled : filled + k] = block_patches, block_rowcol
         filled, failed = filled + k, failed + block_failed
@@ -280,8 +290,13 @@ class PatchSequenceDataset(Dataset):
         with Slide(self.slides[index], mpp_override=self.mpp_override) as slide:
             tissue = None if self.detect_tissue else TissueMask.everything(slide.dimensions)
             seq = read_patch_sequence(
-                slide, self.target_mpp, patch_size=self.patch_size, min_tissue=self.min_tissue,
-                tissue=tissue, max_patches=self.max_patches, seed=index,
+                slide,
+                self.target_mpp,
+                patch_size=self.patch_size,
+                min_tissue=self.min_tissue,
+                tissue=tissue,
+                max_patches=self.max_patches,
+                seed=index,
             )
         return {
             "patches": torch.from_numpy(seq.patches).permute(0, 3, 1, 2),

@@ -67,7 +67,10 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def tile_slide(
-    slide_path: str | os.PathLike, out_dir: str | os.PathLike, settings: TileSettings, name: str | None = None
+    slide_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: TileSettings,
+    name: str | None = None,
 ) -> SlideResult:
     """Tile one slide. Never raises for a bad slide: the result says failed and why."""
     start = time.perf_counter()
@@ -78,11 +81,15 @@ def tile_slide(
         return SlideResult(str(slide_path), "skipped")
     try:
         with Slide(slide_path, mpp_override=settings.mpp_override) as slide:
-            grid = TileGrid.for_slide(slide, settings.target_mpp, settings.tile_size, settings.overlap)
+            grid = TileGrid.for_slide(
+                slide, settings.target_mpp, settings.tile_size, settings.overlap
+            )
             tissue, thumbnail = find_tissue(
                 slide, thumbnail_size=settings.thumbnail_size, enabled=settings.detect_tissue
             )
-            tiles = select_tiles(grid, tissue, settings.min_tissue if settings.detect_tissue else 0.0)
+            tiles = select_tiles(
+                grid, tissue, settings.min_tissue if settings.detect_tissue else 0.0
+            )
             attrs = tile_attributes(tiles, slide_path=str(slide_path.resolve()), name=name)
             attrs.update(settings.identity())
             attrs.update(
@@ -96,5 +103,7 @@ def tile_slide(
             write_tiles_h5(h5_path, tiles, attrs)  # last: its presence marks the slide complete
     except Exception as err:  # one bad slide never stops the run; the report names it
         reason = err.reason if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
-        return SlideResult(str(slide_path), "failed", reason=reason, seconds=time.perf_counter() - start)
+        return SlideResult(
+            str(slide_path), "failed", reason=reason, seconds=time.perf_counter() - start
+        )
     return SlideResult(str(slide_path), "done", len(tiles), seconds=time.perf_counter() - start)

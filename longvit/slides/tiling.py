@@ -40,7 +40,9 @@ class TileGrid:
 
     def __post_init__(self) -> None:
         if self.tile_size < 1 or not 1 <= self.stride:
-            raise ValueError(f"tile_size and stride must be >= 1 (got {self.tile_size}, {self.stride})")
+            raise ValueError(
+                f"tile_size and stride must be >= 1 (got {self.tile_size}, {self.stride})"
+            )
         if self.level0_mpp <= 0 or self.target_mpp <= 0:
             raise ValueError(f"mpp must be positive (got {self.level0_mpp}, {self.target_mpp})")
 
