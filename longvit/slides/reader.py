@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -52,8 +53,10 @@ def _open_handle(path: Path) -> openslide.AbstractSlide:
             return openslide.OpenSlide(str(path))
         # Not an OpenSlide format: a plain image? Decode it fully now, as ImageSlide will on
         # first read, so a truncated or damaged file fails here with its real cause.
-        with Image.open(path) as probe:
-            probe.load()
+        with warnings.catch_warnings():  # Pillow warns about junk before failing; we report
+            warnings.simplefilter("ignore")
+            with Image.open(path) as probe:
+                probe.load()
         return openslide.ImageSlide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError, SyntaxError) as err:
         raise SlideOpenError(
