@@ -101,7 +101,8 @@ def write_slide(
         mpp: level-0 microns per pixel to state; None writes no resolution at all.
         mpp_style: "aperio" (ImageDescription ``Aperio ...|MPP = x|AppMag = y``, OpenSlide's
             Aperio reader) or "tiff" (XResolution/YResolution in pixels per centimetre).
-        magnification: AppMag for the Aperio style (default 10 / mpp).
+        magnification: AppMag for the Aperio style (default 10 / mpp); with mpp=None it
+            writes an Aperio slide that states a magnification but no mpp.
         levels: integer downsamples, the first 1; each level is ceil(size / downsample).
         compression: "jpeg" (lossy, like scanners), "zlib" or None (lossless, exact pixels).
     """
@@ -109,12 +110,12 @@ def write_slide(
     spec = SlideSpec(path, width, height, mpp, tuple(levels), tuple(tuple(b) for b in blobs))
     description = None
     resolution: dict = {}
-    if mpp is not None and mpp_style == "aperio":
+    if mpp_style == "aperio" and (mpp is not None or magnification is not None):
         mag = magnification if magnification is not None else 10.0 / mpp
         description = (
             f"Aperio Image Library v12.0.0\n{width}x{height} [0,0 {width}x{height}] "
-            f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {mag:g}|MPP = {mpp:g}"
-        )
+            f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {mag:g}"
+        ) + (f"|MPP = {mpp:g}" if mpp is not None else "")
     elif mpp is not None and mpp_style == "tiff":
         resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     elif mpp is not None:

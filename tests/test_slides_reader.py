@@ -55,6 +55,15 @@ def test_missing_mpp_names_slide_and_override(slides):
     assert Slide(slides["none"].path, mpp_override=0.3).resolution.source == "override"
 
 
+def test_objective_power_fallback_only_when_asked(tmp_path):
+    spec = write_slide(tmp_path / "mag.svs", 600, 400, mpp=None, magnification=20, levels=(1,))
+    assert Slide(spec.path).objective_power == 20
+    with pytest.raises(MissingMPPError, match="--mpp-from-objective-power"):
+        Slide(spec.path).mpp
+    slide = Slide(spec.path, mpp_from_objective_power=True)
+    assert slide.mpp == 0.5 and slide.resolution.source == "objective-power (nominal)"
+
+
 def test_override_beats_metadata(slides):
     assert Slide(slides["aperio"].path, mpp_override=0.2).mpp == 0.2
 

@@ -26,6 +26,7 @@ from longvit.slides.resolution import (
     best_level_for_downsample,
     describe_resolution_metadata,
     level0_resolution,
+    magnification_to_mpp,
     objective_power,
 )
 
@@ -96,13 +97,22 @@ class Slide:
         path: the slide file (str or Path; unicode and spaces are fine).
         mpp_override: level-0 microns per pixel to use instead of the metadata (for slides that
             lack it or state it wrongly).
+        mpp_from_objective_power: when the metadata states no mpp but an objective power,
+            use the nominal 10 / power um/px (40x -> 0.25). Off by default: it is an
+            approximation, so it must be asked for; ``resolution.source`` records it.
 
     The OpenSlide handle is opened lazily per process: a ``Slide`` pickled into a DataLoader
     worker opens its own handle there. After a read error OpenSlide latches the handle (every
     later call fails), so ``read_region`` reopens it before reporting the error.
     """
 
-    def __init__(self, path: str | PathLike, *, mpp_override: float | None = None):
+    def __init__(
+        self,
+        path: str | PathLike,
+        *,
+        mpp_override: float | None = None,
+        mpp_from_objective_power: bool = False,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideOpenError(self.path, "no such file")
@@ -111,6 +121,7 @@ class Slide:
                 f"mpp_override must be a positive number of microns, got {mpp_override}"
             )
         self.mpp_override = mpp_override
+        self.mpp_from_objective_power = mpp_from_objective_power
         self._handle: openslide.AbstractSlide | None = None
         self._pid = -1
         handle = self._slide
@@ -172,9 +183,19 @@ class Slide:
         if self.mpp_override is not None:
             return LevelZeroResolution(self.mpp_override, self.mpp_override, "override")
         found = level0_resolution(self.properties)
-        if found is None:
-            raise MissingMPPError(self.path, describe_resolution_metadata(self.properties))
-        return found
+        if found is not None:
+            return found
+        power = self.objective_power
+        if power and self.mpp_from_objective_power:
+            nominal = magnification_to_mpp(power)
+            return LevelZeroResolution(nominal, nominal, "objective-power (nominal)")
+        detail = describe_resolution_metadata(self.properties)
+        if power:
+            detail += (
+                f"; the slide states objective power {power:g}x: --mpp-from-objective-power "
+                f"would use the nominal {magnification_to_mpp(power):g} um/px"
+            )
+        raise MissingMPPError(self.path, detail)
 
     @property
     def mpp(self) -> float:

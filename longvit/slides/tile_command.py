@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=0, help="overlap of neighbours, target pixels")
     p.add_argument("--min-tissue", type=float, default=0.1, help="least tissue fraction kept")
     p.add_argument("--mpp-override", type=float, default=None, help="level-0 mpp for all slides")
+    p.add_argument(
+        "--mpp-from-objective-power",
+        action="store_true",
+        help="without stated mpp, use the nominal 10 / objective power (40x -> 0.25)",
+    )
     p.add_argument("--no-tissue-detection", action="store_true", help="keep every tile")
     p.add_argument("--thumbnail-size", type=int, default=2048, help="thumbnail long side, px")
     p.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = TileSettings(
         target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap,
         min_tissue=args.min_tissue, mpp_override=args.mpp_override,
+        mpp_from_objective_power=args.mpp_from_objective_power,
         detect_tissue=not args.no_tissue_detection, thumbnail_size=args.thumbnail_size,
     )  # fmt: skip
     slides = find_slides(args.inputs, args.recursive)

@@ -26,8 +26,10 @@ class TileSettings:
 
     target_mpp: microns per pixel of the tiles. tile_size, overlap: target pixels.
     min_tissue: smallest tissue fraction of a kept tile. mpp_override: level-0 mpp to use
-    instead of the metadata. detect_tissue: False keeps every tile. thumbnail_size: longer side
-    of the thumbnail the tissue mask is computed on and the overview drawn on, pixels.
+    instead of the metadata. mpp_from_objective_power: fall back to the nominal 10 / objective
+    power when no mpp is stated (see ``Slide``). detect_tissue: False keeps every tile.
+    thumbnail_size: longer side of the thumbnail the tissue mask is computed on and the
+    overview drawn on, pixels.
     """
 
     target_mpp: float = 0.5
@@ -35,6 +37,7 @@ class TileSettings:
     overlap: int = 0
     min_tissue: float = 0.1
     mpp_override: float | None = None
+    mpp_from_objective_power: bool = False
     detect_tissue: bool = True
     thumbnail_size: int = 2048
 
@@ -80,7 +83,11 @@ def tile_slide(
     if is_complete(h5_path, settings.identity()) and png_path.is_file():
         return SlideResult(str(slide_path), "skipped")
     try:
-        with Slide(slide_path, mpp_override=settings.mpp_override) as slide:
+        with Slide(
+            slide_path,
+            mpp_override=settings.mpp_override,
+            mpp_from_objective_power=settings.mpp_from_objective_power,
+        ) as slide:
             grid = TileGrid.for_slide(
                 slide, settings.target_mpp, settings.tile_size, settings.overlap
             )
