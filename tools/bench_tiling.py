@@ -9,7 +9,8 @@
    two passes interleaved; the ratio is the median over pairs. Target: streamed >= 80% of raw.
 2. Memory: in a fresh child process, run ``tile_slide`` (thumbnail, tissue, grid, HDF5,
    overview PNG) on a 100,000 x 100,000-pixel slide written tile by tile, then stream 2,000
-   tiles through ``TileDataset``; report the child's peak RSS. Target: < 2 GiB.
+   tiles through ``TileDataset``; report the child's peak RSS (VmHWM from /proc, after the
+   imports, after tiling, at the end). Target: < 2 GiB.
 
     python tools/bench_tiling.py --size 20000                 # throughput only, ~1 min
     python tools/bench_tiling.py --size 20000 --rss-size 100000   # plus the 100k RSS run
@@ -86,7 +87,11 @@ import json, pathlib, resource, sys, time
 sys.path[:0] = sys.argv[3:5]
 from longvit.slides import TileDataset
 from longvit.slides.tile_job import TileSettings, output_paths, tile_slide
-mib = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def mib():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 baseline = mib()  # interpreter + torch + OpenCV + OpenSlide, before any slide is touched
 start = time.perf_counter()
 result = tile_slide(sys.argv[1], sys.argv[2], TileSettings(target_mpp=0.5, tile_size=256))
