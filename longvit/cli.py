@@ -12,7 +12,11 @@ import sys
 
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "tile": ("longvit.slides.tile_command", "main", "tile slides at a target mpp into HDF5 coords + thumbnails"),  # noqa: E501
+    "tile": (
+        "longvit.slides.tile_command",
+        "main",
+        "tile slides at a target mpp into HDF5 coords + thumbnails",
+    ),
 }
 
 

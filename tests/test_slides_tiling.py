@@ -52,9 +52,12 @@ def test_rowcol_xy_round_trip_non_integer_scale():
     assert len(rowcol) == grid.shape[0] * grid.shape[1] > 0
     np.testing.assert_array_equal(grid.grid_rowcol(grid.level0_xy(rowcol)), rowcol)
     xy = grid.level0_xy(rowcol)
-    assert (
-        xy.dtype == np.int64 and (xy[:, 0] + grid.tile_size_level0 <= grid.level0_width + 1).all()
-    )
+    assert xy.dtype == np.int64
+    assert (xy[:, 0] + grid.tile_size_level0 <= grid.level0_width + 1).all()
+    # the documented rounding: x = round(col * stride * downsample), half up
+    # (col * 224 * 0.5 / 0.2527 = 443.21, 886.43, 1329.64, 1772.85)
+    xy = grid.level0_xy(np.array([[0, 1], [0, 2], [0, 3], [4, 4]]))
+    np.testing.assert_array_equal(xy, [[443, 0], [886, 0], [1330, 0], [1773, 1773]])
 
 
 def test_slide_smaller_than_one_tile_has_no_tiles():
