@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # subcommand -> (module, function taking argv, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "tile": (
+        "longvit.slides.tile_command",
+        "main",
+        "tile slides at a target mpp into HDF5 coords + thumbnails",
+    ),
+}
 
 
 def register(name: str, module: str, function: str, help_text: str) -> None:
