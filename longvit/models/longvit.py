@@ -45,7 +45,8 @@ class LongViT(DilatedEncoder):
         in_chans: image channels.
         patch_chunk_size: patches embedded at a time by ``forward_patches``.
         mean, std: per-channel normalisation applied to uint8 patches in
-            ``forward_patches`` (float input is taken as already normalised).
+            ``forward_patches`` (float input is taken as already normalised); None:
+            ImageNet's for 3 channels, none (0 / 1) otherwise.
         device, dtype: where and in which dtype to create the parameters.
         **kwargs: the trunk's arguments (``DilatedEncoder``): num_classes,
             global_pool, embed_dim, depth, num_heads, segment_lengths, ...
@@ -57,8 +58,8 @@ class LongViT(DilatedEncoder):
         patch_size: int = 32,
         in_chans: int = 3,
         patch_chunk_size: int = 65536,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs,
@@ -69,6 +70,9 @@ class LongViT(DilatedEncoder):
                 f"img_size {img_size} is smaller than one patch ({patch_size} px); "
                 f"expected both sides >= {patch_size}"
             )
+        if in_chans == 3:
+            mean = IMAGENET_DEFAULT_MEAN if mean is None else mean
+            std = IMAGENET_DEFAULT_STD if std is None else std
         with factory_device(device):
             super().__init__(feature_reduction=patch_size, **kwargs)
             self.in_chans = in_chans
