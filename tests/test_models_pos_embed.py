@@ -24,6 +24,9 @@ def test_sample_pos_embed_equals_full_resample(grid):
     pick = torch.randperm(positions.shape[0])[:200]
     sampled = sample_pos_embed(table, (32, 32), grid, positions[pick])
     torch.testing.assert_close(sampled, full[pick], rtol=1e-5, atol=1e-5)
+    chunked = sample_pos_embed(table, (32, 32), grid, positions[pick], torch.float64, 37)
+    assert chunked.dtype == torch.float64
+    torch.testing.assert_close(chunked, sampled.double(), rtol=0, atol=0)
 
 
 def test_sample_pos_embed_gradient_matches_full_resample():
@@ -52,7 +55,9 @@ def _mae_sincos(pos: torch.Tensor, dim: int) -> torch.Tensor:
 def test_sincos_2d_is_mae_layout_x_then_y():
     h, w, dim = 5, 7, 32
     coords = grid_positions(h, w)
-    expected = torch.cat([_mae_sincos(coords[:, 0], dim // 2), _mae_sincos(coords[:, 1], dim // 2)], 1)
+    expected = torch.cat(
+        [_mae_sincos(coords[:, 0], dim // 2), _mae_sincos(coords[:, 1], dim // 2)], 1
+    )
     torch.testing.assert_close(sincos_2d(coords, dim), expected.float(), rtol=1e-5, atol=1e-5)
 
 

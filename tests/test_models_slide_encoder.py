@@ -38,7 +38,9 @@ def test_shapes_and_num_classes():
 def test_bad_input_raises_with_shapes():
     m = tiny()
     feats = torch.randn(2, 30, 48)
-    with pytest.raises(ValueError, match=r"coords must have shape \(B, N, 2\) = \(2, 30, 2\).*got \(2, 29, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"coords must have shape \(B, N, 2\) = \(2, 30, 2\).*got \(2, 29, 2\)"
+    ):
         m(feats, torch.zeros(2, 29, 2))
     with pytest.raises(ValueError, match=r"got None"):
         m(feats)

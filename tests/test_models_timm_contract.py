@@ -32,8 +32,9 @@ import pytest
 
 timm = pytest.importorskip("timm")
 
-import longvit  # noqa: E402,F401  (registers the models)
 from timm.models import _registry  # noqa: E402
+
+import longvit  # noqa: E402,F401  (registers the models)
 
 PIXEL_MODELS = ["longvit_small", "longvit_base", "longvit_large"]
 SLIDE_MODELS = ["longvit_slide_small", "longvit_slide_base"]

@@ -98,11 +98,21 @@ class DilatedEncoder(nn.Module):
         self.blocks = nn.Sequential(
             *[
                 Block(
-                    dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                    segment_lengths=segment_lengths, dilation_rates=dilation_rates, sub_ln=sub_ln,
-                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, init_values=init_values,
-                    drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer,
-                    mlp_chunk_size=mlp_chunk_size, attn_backend=attn_backend,
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    segment_lengths=segment_lengths,
+                    dilation_rates=dilation_rates,
+                    sub_ln=sub_ln,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    mlp_chunk_size=mlp_chunk_size,
+                    attn_backend=attn_backend,
                 )  # fmt: skip
                 for i in range(depth)
             ]

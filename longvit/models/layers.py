@@ -77,7 +77,9 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.mlp_chunk_size = mlp_chunk_size
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C)."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
         x = x + self.drop_path2(self.ls2(self._mlp(self.norm2(x))))

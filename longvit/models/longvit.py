@@ -116,8 +116,7 @@ class LongViT(DilatedEncoder):
         b, n = patches.shape[:2]
         _check_positions(positions, padding_mask, b, n)
         tokens = self.patch_embed.forward_patches(patches)
-        pos = self.pos_embed_at(positions, padding_mask, grid_size)
-        tokens = tokens + pos.to(tokens.dtype)
+        tokens = tokens + self.pos_embed_at(positions, padding_mask, grid_size, tokens.dtype)
         if padding_mask is not None:
             tokens = tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return tokens
@@ -127,8 +126,9 @@ class LongViT(DilatedEncoder):
         positions: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         grid_size: Sequence[int] | torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Position embeddings (B, N, D) at (x, y) grid positions (B, N, 2).
+        """Position embeddings (B, N, D) at (x, y) grid positions (B, N, 2), in `dtype`.
 
         grid_size: (rows, cols) of the grid the learned table is stretched over, the
         same for all samples, or a (B, 2) tensor per sample; None takes each sample's
@@ -157,8 +157,8 @@ class LongViT(DilatedEncoder):
             pos_i = torch.stack(
                 [pos_i[:, 0].clamp(0, grid[1] - 1), pos_i[:, 1].clamp(0, grid[0] - 1)], dim=-1
             )
-            out.append(sample_pos_embed(self.pos_embed, self.pos_grid, grid, pos_i))
-        return torch.stack(out)
+            out.append(sample_pos_embed(self.pos_embed, self.pos_grid, grid, pos_i, dtype))
+        return out[0].unsqueeze(0) if b == 1 else torch.stack(out)
 
     # ---------------------------------------------------------------- forward
     def forward_features(

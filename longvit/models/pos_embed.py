@@ -58,6 +58,8 @@ def sample_pos_embed(
     old_size: tuple[int, int],
     grid_size: tuple[int, int],
     positions: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    chunk_size: int = 2**20,
 ) -> torch.Tensor:
     """Rows of ``resample_pos_embed(pos_embed, old_size, grid_size)`` at grid positions.
 
@@ -66,9 +68,11 @@ def sample_pos_embed(
         old_size: (H0, W0).
         grid_size: (H, W) rows and columns of the grid the table is stretched over.
         positions: (N, 2) integer (x, y) grid positions, 0 <= x < W, 0 <= y < H.
+        out_dtype: dtype of the result (default pos_embed's); the float32 work is
+            done chunk_size positions at a time and cast per chunk.
 
     Returns:
-        (N, C) in pos_embed's dtype. The resize is separable: the table is first
+        (N, C) in out_dtype. The resize is separable: the table is first
         resized along x at all W columns (H0 x W x C, small), then each token takes
         a few taps along y. Memory O(H0 * W * C + N * C), never O(H * W * C).
     """
@@ -81,12 +85,17 @@ def sample_pos_embed(
     # along x: cols[a, x] = sum_k wx[x, k] * table[a, ix[x, k]]
     cols = (table[:, ix] * wx[None, :, :, None]).sum(2)  # (H0, W, C)
     cols = cols.reshape(h0 * w, c)
-    x, y = positions[:, 0].long(), positions[:, 1].long()
-    out = None
-    for k in range(iy.shape[1]):  # along y: a few taps per row
-        term = cols.index_select(0, iy[y, k] * w + x) * wy[y, k, None]
-        out = term if out is None else out + term
-    return out.to(pos_embed.dtype)
+    out_dtype = pos_embed.dtype if out_dtype is None else out_dtype
+    parts = []
+    for start in range(0, positions.shape[0], chunk_size):
+        x = positions[start : start + chunk_size, 0].long()
+        y = positions[start : start + chunk_size, 1].long()
+        out = None
+        for k in range(iy.shape[1]):  # along y: a few taps per row
+            term = cols.index_select(0, iy[y, k] * w + x) * wy[y, k, None]
+            out = term if out is None else out + term
+        parts.append(out.to(out_dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def sincos_2d(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -118,4 +127,3 @@ def grid_positions(height: int, width: int, device: torch.device | None = None) 
         torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
     )
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
-
