@@ -40,7 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="longvit_base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, nargs="+", default=[65536, 262144, 1048576])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per size (after 1 warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="timed steps per size after 1 warm-up (default: 3 on cuda, 1 on cpu)",
+    )  # fmt: skip
     p.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default=None,
         help="autocast dtype (default: bfloat16 on cuda, float32 on cpu, whose bf16 is emulated)",
@@ -121,16 +124,20 @@ def measure(model, opt, n, steps, args, dtype, offload) -> dict:
         inputs = make_inputs(n, args.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        train_step(model, opt, inputs, dtype, args.device)  # warm-up (allocator, kernels)
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, inputs, dtype, args.device)  # warm-up (allocator, kernels)
         sync(args.device)
-        times = []
+        times = [] if steps else [time.perf_counter() - t0]  # steps=0: the warm-up step's time
         for _ in range(steps):
             t0 = time.perf_counter()
             loss = train_step(model, opt, inputs, dtype, args.device)
             sync(args.device)
             times.append(time.perf_counter() - t0)
         step = statistics.median(times)
-        row.update(ok=True, step_s=step, step_times_s=times, tokens_per_s=n / step, loss=loss)
+        row.update(
+            ok=True, step_s=step, step_times_s=times, tokens_per_s=n / step, loss=loss,
+            includes_warmup=steps == 0,
+        )  # fmt: skip
         if cuda:
             row.update(
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
@@ -148,11 +155,14 @@ def measure(model, opt, n, steps, args, dtype, offload) -> dict:
 
 
 def try_size(model, opt, n, args, dtype) -> dict:
-    """n tokens without offload (unless --offload), then with offload if that ran out."""
-    row = measure(model, opt, n, 1, args, dtype, offload=args.offload)
+    """n tokens without offload (unless --offload), then with offload if that ran out.
+
+    One step each: it shows that n trains; its time includes the warm-up.
+    """
+    row = measure(model, opt, n, 0, args, dtype, offload=args.offload)
     if not row["ok"] and not args.offload and not args.no_checkpointing:
         print(f"  {n:>12,} tokens: out of memory; retrying with activation offload", flush=True)
-        row = measure(model, opt, n, 1, args, dtype, offload=True)
+        row = measure(model, opt, n, 0, args, dtype, offload=True)
     return row
 
 
@@ -200,6 +210,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.steps is None:
+        args.steps = 3 if args.device.startswith("cuda") else 1
     dtype = getattr(torch, args.dtype)
     find = args.find_max if args.find_max is not None else args.device.startswith("cuda")
     model, opt = build(args)
