@@ -1,0 +1,26 @@
+"""Models: the LongViT pixel encoder and the slide encoder, registered with timm.
+
+Importing this package (``import longvit`` does) registers ``longvit_small``,
+``longvit_base``, ``longvit_large``, ``longvit_slide_small`` and
+``longvit_slide_base`` so that ``timm.create_model`` builds them.
+"""
+
+from longvit.models.checkpoint import checkpoint_filter_fn
+from longvit.models.encoder import DilatedEncoder
+from longvit.models.layers import Block, PatchEmbed
+from longvit.models.longvit import LongViT, pack_tokens
+from longvit.models.pos_embed import resample_pos_embed, sample_pos_embed, sincos_2d
+from longvit.models.slide_encoder import LongViTSlideEncoder
+
+__all__ = [
+    "Block",
+    "DilatedEncoder",
+    "LongViT",
+    "LongViTSlideEncoder",
+    "PatchEmbed",
+    "checkpoint_filter_fn",
+    "pack_tokens",
+    "resample_pos_embed",
+    "sample_pos_embed",
+    "sincos_2d",
+]

@@ -1,0 +1,330 @@
+"""The transformer trunk shared by the pixel encoder and the slide encoder.
+
+A subclass turns its input into tokens with positions already added (pixels:
+patch embedding + learned grid table; slide: feature projection + 2-D sin-cos)
+and an optional padding mask; this trunk adds the class token, runs the blocks
+(with gradient checkpointing and host offload of the checkpointed inputs when
+enabled), normalises, pools over the valid tokens and classifies. It also holds
+the timm model contract: forward_head, reset_classifier, get_classifier,
+no_weight_decay, group_matcher, set_grad_checkpointing,
+forward_intermediates / prune_intermediate_layers (features_only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longvit.attention.schedule import DEFAULT_DILATION_RATES
+from longvit.models.layers import Block
+
+POOL_TYPES = ("", "avg", "max", "token")
+
+
+class DilatedEncoder(nn.Module):
+    """Class token, dilated-attention blocks, final norm and a pooled linear head.
+
+    Args:
+        num_classes: classifier outputs; 0 for no classifier (pooled features).
+        global_pool: "avg" (mean over valid tokens), "max", "token" (class token)
+            or "" (no pooling; the head then applies per token).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        class_token: prepend a learned class token.
+        fc_norm: norm after pooling instead of before it; None: when pooling is
+            "avg"/"max" (LongViT: mean pool, then norm, then head).
+        sub_ln: LongNet sub-LayerNorm in each block.
+        segment_lengths: "auto" (derived from each input's token count) or one
+            length per dilation rate.
+        dilation_rates: LongViT's (1, 2, 4, 8, 16) by default.
+        init_values: LayerScale init; None disables LayerScale.
+        drop_rate: head dropout. pos_drop_rate: dropout after position embedding.
+        proj_drop_rate, attn_drop_rate, drop_path_rate: block dropouts (drop path
+            rises linearly over depth to drop_path_rate).
+        mlp_chunk_size: run each block's MLP over at most this many tokens at a time.
+        attn_backend: kernel for the dilated attention ("auto" picks the fastest).
+        feature_reduction: input units per token, reported in feature_info.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = False,
+        fc_norm: bool | None = None,
+        sub_ln: bool = True,
+        segment_lengths: Sequence[int] | str = "auto",
+        dilation_rates: Sequence[int] = DEFAULT_DILATION_RATES,
+        init_values: float | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[..., nn.Module] | None = None,
+        mlp_chunk_size: int | None = None,
+        attn_backend: str = "auto",
+        feature_reduction: int = 1,
+    ):
+        super().__init__()
+        _check_pool(global_pool, class_token)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+        use_fc_norm = global_pool in ("avg", "max") if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.has_class_token = class_token
+        self.grad_checkpointing = False
+        self.activation_offload = False
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    segment_lengths=segment_lengths,
+                    dilation_rates=dilation_rates,
+                    sub_ln=sub_ln,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    mlp_chunk_size=mlp_chunk_size,
+                    attn_backend=attn_backend,
+                )  # fmt: skip
+                for i in range(depth)
+            ]
+        )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=feature_reduction)
+            for i in range(depth)
+        ]
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """timm's ViT init: truncated normal (std .02) linears, tiny class token."""
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_linear)
+
+    # --------------------------------------------------------------- trunk
+    def forward_tokens(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokens with positions added (B, N, C) -> normalised tokens (B, P + N, C).
+
+        P is num_prefix_tokens (the class token). padding_mask: (B, N) bool, True =
+        padding; padded tokens are never attended to, so they do not change the
+        valid tokens' outputs.
+        """
+        x, mask = self._prefix(x, padding_mask)
+        x = self._run_blocks(self.pos_drop(x), mask, self.blocks)
+        return self.norm(x)
+
+    def _prefix(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
+        if self.cls_token is None:
+            return x, padding_mask
+        b = x.shape[0]
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        if padding_mask is not None:
+            padding_mask = torch.cat([padding_mask.new_zeros(b, 1), padding_mask], dim=1)
+        return x, padding_mask
+
+    def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
+        for blk in blocks:
+            x = self._run_block(blk, x, mask)
+        return x
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            with self._offload():
+                return blk(x, mask)
+        if not self.activation_offload:
+            return checkpoint(blk, x, mask, use_reentrant=False)
+        # reentrant checkpoint saves its input with save_for_backward, which the
+        # save_on_cpu hook moves to pinned host memory; it needs an input requiring grad
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with self._offload():
+            return checkpoint(blk, x, mask, use_reentrant=True)
+
+    def _offload(self):
+        if not self.activation_offload:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+    # ---------------------------------------------------------------- head
+    def pool(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P + N, C) -> (B, C) by global_pool over the valid tokens ("" returns x)."""
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "":
+            return x
+        tokens = x[:, self.num_prefix_tokens :]
+        if padding_mask is not None and tuple(padding_mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"padding_mask must have shape (B, N) = {tuple(tokens.shape[:2])} (tokens "
+                f"after the {self.num_prefix_tokens} prefix token(s)), got "
+                f"{tuple(padding_mask.shape)}"
+            )
+        if self.global_pool == "avg":
+            if padding_mask is None:
+                return tokens.mean(dim=1)
+            valid = (~padding_mask).unsqueeze(-1)
+            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)
+            return total / valid.sum(dim=1).clamp(min=1).to(tokens.dtype)
+        if padding_mask is None:  # max
+            return tokens.amax(dim=1)
+        return tokens.masked_fill(padding_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+    def forward_head(
+        self,
+        x: torch.Tensor,
+        pre_logits: bool = False,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Features (B, P + N, C) -> logits (B, num_classes), or pooled (B, C) if pre_logits.
+
+        padding_mask: (B, N) bool over the non-prefix tokens, True = padding (left
+        out of avg / max pooling).
+        """
+        x = self.pool(x, padding_mask)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New head with num_classes outputs (0: none); global_pool None keeps the pooling."""
+        if global_pool is not None:
+            _check_pool(global_pool, self.has_class_token)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
+
+    # -------------------------------------------------------------- timm api
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise LR decay: stem, one group per block, then norm/head."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed|feature_proj",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward (and chunk the patch embedding)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_activation_offload(self, enable: bool = True) -> None:
+        """With gradient checkpointing: keep each block's saved input in pinned host memory.
+
+        Without checkpointing, everything the blocks save for the backward goes to
+        the host (slow, but the least device memory).
+        """
+        self.activation_offload = enable
+
+    def _intermediates(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        indices: int | Sequence[int] | None,
+        norm: bool,
+        stop_early: bool,
+        intermediates_only: bool,
+        to_output: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        """Shared loop of forward_intermediates over tokens with positions (B, N, C)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, mask = self._prefix(x, padding_mask)
+        x = self.pos_drop(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x, mask)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(to_output(y[:, self.num_prefix_tokens :]))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last wanted intermediate (timm's features_only)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _check_pool(global_pool: str, class_token: bool) -> None:
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+    if global_pool == "token" and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True (the model has none)")
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+@contextlib.contextmanager
+def factory_device(device: torch.device | str | None):
+    """Create parameters directly on `device` (timm's create_model(device=...))."""
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield

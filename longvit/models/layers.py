@@ -1,0 +1,209 @@
+"""The transformer block both encoders stack, and the patch embedding of the pixel encoder.
+
+One Block serves the pixel encoder (LongViT) and the slide encoder: pre-norm,
+dilated attention (``MultiheadDilatedAttention``), MLP, optional LayerScale and
+drop path. ``sub_ln`` adds LongNet's sub-LayerNorm inside the attention (before
+its output projection) and inside the MLP (before fc2), as LongViT does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longvit.attention import MultiheadDilatedAttention
+from longvit.attention.schedule import DEFAULT_DILATION_RATES
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose attention is dilated attention.
+
+    Args:
+        dim: channels C of the tokens (B, N, C).
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of dim.
+        qkv_bias: bias in the q/k/v projection.
+        segment_lengths, dilation_rates: the dilated-attention branches ("auto":
+            derived from each input's token count).
+        sub_ln: LongNet sub-LayerNorm in attention and MLP (LongViT uses it).
+        proj_drop, attn_drop, drop_path: dropout rates.
+        init_values: LayerScale initial value; None disables LayerScale.
+        mlp_chunk_size: run the MLP over at most this many tokens at a time, each
+            chunk recomputed in the backward (activation memory of the MLP drops
+            from N x hidden to chunk x hidden); None runs it in one piece.
+        attn_backend: kernel choice for ``dilated_attention``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        segment_lengths: Sequence[int] | str = "auto",
+        dilation_rates: Sequence[int] = DEFAULT_DILATION_RATES,
+        sub_ln: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        attn_layer: Callable[..., nn.Module] = MultiheadDilatedAttention,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+        mlp_chunk_size: int | None = None,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(
+            dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
+            qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, sub_ln=sub_ln,
+            backend=attn_backend, norm_layer=norm_layer,
+        )  # fmt: skip
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
+            norm_layer=norm_layer if sub_ln else None, drop=proj_drop,
+        )  # fmt: skip
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp_chunk_size = mlp_chunk_size
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
+        x = x + self.drop_path2(self.ls2(self._mlp(self.norm2(x))))
+        return x
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.mlp_chunk_size
+        if chunk is None or x.shape[1] <= chunk:
+            return self.mlp(x)
+        recompute = torch.is_grad_enabled() and x.requires_grad
+        parts = []
+        for start in range(0, x.shape[1], chunk):
+            piece = x[:, start : start + chunk]
+            if recompute:  # keep only the chunk's input; its hidden activations are recomputed
+                parts.append(checkpoint(self.mlp, piece, use_reentrant=False))
+            else:
+                parts.append(self.mlp(piece))
+        return torch.cat(parts, dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: a Conv2d with kernel = stride = patch_size.
+
+    Two input forms give the same tokens for the same pixels:
+    - ``forward(x)``: an image (B, C, H, W) -> tokens (B, H // p * W // p, D) in
+      row-major grid order (pixels past the last whole patch are dropped);
+    - ``forward_patches(patches)``: patches already cut, (B, N, C, p, p) -> (B, N, D),
+      run ``chunk_size`` patches at a time. uint8 patches (0-255) are scaled to
+      [0, 1] and normalised with ``mean`` / ``std`` inside each chunk, and with
+      gradients enabled each chunk is recomputed in the backward, so no float copy
+      of all N patches ever exists.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 32,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        chunk_size: int = 65536,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
+        self.patch_size = int(patch_size)
+        self.in_chans = int(in_chans)
+        self.chunk_size = int(chunk_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        mean = (0.0,) * in_chans if mean is None else tuple(float(m) for m in mean)
+        std = (1.0,) * in_chans if std is None else tuple(float(s) for s in std)
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(
+                f"mean and std need one value per channel ({in_chans}), got {mean} and {std}"
+            )
+        self.uint8_mean, self.uint8_std = mean, std
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (rows, cols) of an image of height x width pixels."""
+        return height // self.patch_size, width // self.patch_size
+
+    def check_image(self, x: torch.Tensor) -> None:
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected an image of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        if x.shape[2] < p or x.shape[3] < p:
+            raise ValueError(
+                f"image of {x.shape[2]} x {x.shape[3]} pixels (shape {tuple(x.shape)}) is "
+                f"smaller than one {p} x {p} patch; expected H >= {p} and W >= {p}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) float -> (B, (H // p) * (W // p), D)."""
+        self.check_image(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def check_patches(self, patches: torch.Tensor) -> None:
+        p, c = self.patch_size, self.in_chans
+        if patches.dim() != 5 or tuple(patches.shape[2:]) != (c, p, p):
+            raise ValueError(
+                f"expected patches of shape (B, N, {c}, {p}, {p}), got {tuple(patches.shape)}"
+            )
+
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches: (B, N, C, p, p) float or uint8 -> (B, N, D)."""
+        self.check_patches(patches)
+        b, n = patches.shape[:2]
+        if n == 0:
+            raise ValueError(f"expected at least one patch, got shape {tuple(patches.shape)}")
+        recompute = torch.is_grad_enabled() and (
+            self.proj.weight.requires_grad or patches.requires_grad
+        )
+        parts = []
+        for start in range(0, n, self.chunk_size):
+            piece = patches[:, start : start + self.chunk_size]
+            if recompute:
+                parts.append(checkpoint(self._embed_chunk, piece, use_reentrant=False))
+            else:
+                parts.append(self._embed_chunk(piece))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _embed_chunk(self, piece: torch.Tensor) -> torch.Tensor:
+        b, n = piece.shape[:2]
+        weight = self.proj.weight
+        x = piece.reshape(b * n, -1)
+        if not piece.dtype.is_floating_point:
+            x = self._normalise_uint8(x, weight)
+        # the conv over one patch is a matrix product with the flattened kernel
+        out = F.linear(x.to(_compute_dtype(weight)), weight.flatten(1), self.proj.bias)
+        return out.reshape(b, n, -1)
+
+    def _normalise_uint8(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        c = self.in_chans
+        mean = torch.tensor(self.uint8_mean, device=x.device, dtype=torch.float32)
+        std = torch.tensor(self.uint8_std, device=x.device, dtype=torch.float32)
+        x = x.view(x.shape[0], c, -1).to(torch.float32) / 255.0
+        x = (x - mean[:, None]) / std[:, None]
+        return x.reshape(x.shape[0], -1)
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear will run in: autocast's when it is on, else the weight's."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
