@@ -1,0 +1,33 @@
+"""Lightning training on whole slides: manifests, DataModules, LightningModules, the CLI.
+
+- ``manifest``: the CSV that names each slide (pixel mode) or feature file (feature mode),
+  its label (or survival time and event) and its split; validated before any training.
+- ``feature_data`` / ``pixel_data``: DataModules yielding batches as dicts of tensors with a
+  ``padding_mask`` (B, N), True = padding (``collate``).
+- ``classification`` / ``survival`` / ``mae``: LightningModules; each calls its network in
+  one method (``forward_model``) so a sequence-parallel strategy can wrap that call.
+- ``optim``: layer-wise LR decay (timm) with warmup + cosine.
+- ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
+- ``cli``: ``longvit fit | validate | test | predict`` (LightningCLI).
+
+Importing this package imports Lightning; ``longvit.attention`` and ``longvit.models`` never
+import it.
+"""
+
+from longvit.training.classification import SlideClassifier
+from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
+from longvit.training.manifest import Manifest, ManifestError, ManifestRow, read_manifest
+from longvit.training.prediction_writer import SlidePredictionWriter
+from longvit.training.slide_module import SlideModule
+
+__all__ = [
+    "FeatureDataModule",
+    "FeatureSlideDataset",
+    "Manifest",
+    "ManifestError",
+    "ManifestRow",
+    "SlideClassifier",
+    "SlideModule",
+    "SlidePredictionWriter",
+    "read_manifest",
+]
