@@ -19,6 +19,7 @@ from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
 from longvit.training.manifest import Manifest, ManifestError, ManifestRow, read_manifest
 from longvit.training.prediction_writer import SlidePredictionWriter
 from longvit.training.slide_module import SlideModule
+from longvit.training.survival import SlideSurvival
 
 __all__ = [
     "FeatureDataModule",
@@ -29,5 +30,6 @@ __all__ = [
     "SlideClassifier",
     "SlideModule",
     "SlidePredictionWriter",
+    "SlideSurvival",
     "read_manifest",
 ]

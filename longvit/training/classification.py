@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
-from longvit.training.heatmap import IMPORTANCE_METHODS, tile_importance
+from longvit.training.heatmap import IMPORTANCE_METHODS, importance_batch, tile_importance
 from longvit.training.slide_module import SlideModule
 
 
@@ -120,13 +120,3 @@ class SlideClassifier(SlideModule):
             out.update(importance_batch(batch, scores))
         return out
 
-
-def importance_batch(batch: dict, scores: torch.Tensor) -> dict:
-    """What the prediction writer needs to draw heatmaps: scores and coordinates on the CPU."""
-    return {
-        "importance": scores.float().cpu(),
-        "padding_mask": batch["padding_mask"].cpu(),
-        "coords_level0": batch["coords_level0"].cpu(),
-        "patch_size_level0": torch.as_tensor(batch["patch_size_level0"]).float().cpu(),
-        "slide_path": batch.get("slide_path"),
-    }

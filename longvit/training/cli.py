@@ -31,7 +31,7 @@ class LongViTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, ManifestError) as err:
-            self.parser.error(f"{type(err).__name__}: {err}")
+            self.parser.error(_root_message(err))
 
     def before_fit(self) -> None:
         self._check_data()
@@ -55,8 +55,25 @@ class LongViTCLI(LightningCLI):
                 self.parser.error(f"{type(err).__name__}: {err}")
 
 
+def _root_message(err: BaseException) -> str:
+    """The innermost error's message: jsonargparse wraps a class's own error in a report
+    listing every Union subtype it tried; the user needs the class's sentence."""
+    seen = err
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(seen).__name__}: {seen}"
+
+
 def run_cli(argv: list[str]) -> LongViTCLI:
     """Run one subcommand with its arguments (``["fit", "--config", "x.yaml", ...]``)."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # the arguments come from `argv` only
+    try:
+        return _cli(argv)
+    finally:
+        sys.argv = saved
+
+
+def _cli(argv: list[str]) -> LongViTCLI:
     return LongViTCLI(
         pl.LightningModule,
         pl.LightningDataModule,

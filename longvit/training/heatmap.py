@@ -144,6 +144,17 @@ def gradient_input_importance(module, batch: dict, target=None) -> torch.Tensor:
     return scores[:, model.num_prefix_tokens :]
 
 
+def importance_batch(batch: dict, scores: torch.Tensor) -> dict:
+    """What the prediction writer needs to draw heatmaps: scores and coordinates on the CPU."""
+    return {
+        "importance": scores.float().cpu(),
+        "padding_mask": batch["padding_mask"].cpu(),
+        "coords_level0": batch["coords_level0"].cpu(),
+        "patch_size_level0": torch.as_tensor(batch["patch_size_level0"]).float().cpu(),
+        "slide_path": batch.get("slide_path"),
+    }
+
+
 # ------------------------------------------------------------------ drawing
 def draw_heatmap(
     thumbnail: np.ndarray | None,

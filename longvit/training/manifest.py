@@ -83,7 +83,7 @@ def read_manifest(
             "none" (self-supervised: no targets).
         check_files: raise if a named slide / feature file does not exist.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     if mode not in ("features", "pixels"):
         raise ManifestError(f"mode must be 'features' or 'pixels', got {mode!r}")
     if task not in TASKS:

@@ -12,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler):
     """Indices 0..n-1 (shuffled per epoch when shuffle=True) paired with per-item seeds.
 
-    With a distributed world, each replica takes every world_size-th index of the permutation
-    (rank, world_size from torch.distributed when initialised).
+    Under DDP, Lightning wraps it in a ``DistributedSamplerWrapper`` (use_distributed_sampler),
+    which splits its output over the ranks.
     """
 
     def __init__(self, num_items: int, shuffle: bool, seed: int = 0):
@@ -30,22 +29,15 @@ class EpochSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _replica(self) -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = np.arange(self.num_items)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
-        rank, world = self._replica()
-        for index in order[rank::world]:
+        for index in order:
             yield int(index), item_seed(self.seed, self.epoch, int(index))
 
     def __len__(self) -> int:
-        rank, world = self._replica()
-        return len(range(rank, self.num_items, world))
+        return self.num_items
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
