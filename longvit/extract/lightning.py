@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -212,6 +213,8 @@ def run_prediction(
     jobs, results = plan_extraction(
         tile_files, out_dir, encoder.identity(), slide_dir=slide_dir, mpp_override=mpp_override
     )
+    if not jobs and "LOCAL_RANK" not in os.environ:  # nothing to do (a DDP child still joins)
+        return ExtractRun(results)
     if devices > 1 and strategy == "auto":
         strategy = "ddp"
     writer = FeatureWriter(out_dir, progress=progress)
@@ -219,21 +222,24 @@ def run_prediction(
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the banner about GPUs/TPUs says nothing useful here
-    try:
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            precision="32-true",  # the encoder runs its own autocast (TileEncoder.precision)
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,  # slides are sharded per rank, not tiles
-            callbacks=[writer],
-        )
-        trainer.predict(module, return_predictions=False)
-        results = writer.finish(trainer, module)
-    finally:
-        quiet.setLevel(level)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own deprecation
+        warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks")
+        try:
+            trainer = L.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                precision="32-true",  # the encoder runs its own autocast (TileEncoder.precision)
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                use_distributed_sampler=False,  # slides are sharded per rank, not tiles
+                callbacks=[writer],
+            )
+            trainer.predict(module, return_predictions=False)
+            results = writer.finish(trainer, module)
+        finally:
+            quiet.setLevel(level)
     return ExtractRun(results, trainer.global_rank, trainer.world_size)

@@ -205,6 +205,10 @@ def _register_longvit_models() -> None:
         importlib.import_module("longvit.models")
 
 
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class _KeyReport(logging.Handler):
     """Collects timm's report of missing / unexpected keys while weights load."""
 
@@ -294,11 +298,16 @@ def build_tile_encoder(
     if report.missing:
         raise TileEncoderError(
             f"{weights}: these weights leave parts of {model_name!r} uninitialised "
-            f"({report.missing}); check that --model names the checkpoint's architecture"
+            f"({_shorten(report.missing)}); check that --model names the checkpoint's "
+            "architecture"
         )
     if report.unexpected:
         logging.getLogger("longvit.extract").warning("%s: %s", weights, report.unexpected)
-    args = {"crop_pct": crop_pct} if crop_pct is not None else {}
+    args: dict = {"crop_pct": crop_pct} if crop_pct is not None else {}
+    if "img_size" in kwargs:  # the model was built for another size than its pretrained_cfg's
+        size = kwargs["img_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        args["input_size"] = (3, int(h), int(w))
     preprocessing = Preprocessing.from_data_config(resolve_data_config(args, model=model))
     kwargs.pop("pretrained_cfg_overlay", None)
     return TileEncoder(
