@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before timm: nothing may reach a hub
 
@@ -228,3 +230,23 @@ def test_slides_are_sharded_whole_once():
     assert names == sorted(job.name for job in jobs)  # every slide on exactly one rank
     assert max(sum(j.n_tiles for j in s) for s in shards) == 90  # the big one alone
     assert shard_jobs(jobs, 0, 1) == jobs
+
+
+def test_two_processes_write_each_slide_once(tiled, vit_weights, tmp_path):
+    """--devices 2 on CPU (Lightning DDP over gloo, the CLI relaunched per rank)."""
+    out = tmp_path / "f"
+    tiles = [str(tiled / "tiles" / "patches" / f"{n}.h5") for n in ("a", "b", "corrupt")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "longvit", "extract", "--model", VIT, "--weights", str(vit_weights),
+         "--model-kwargs", '{"img_size": 64}', "--tiles", *tiles, "--out", str(out),
+         "--batch-size", "16", "--workers", "0", "--accelerator", "cpu", "--devices", "2",
+         "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("done")]
+    assert len(rows) == 3 and "3 done, 0 skipped" in done.stdout  # one report, every slide once
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.h5", "corrupt.h5"]
+    assert read_features_h5(out / "a.h5").features.shape == (48, 192)
+    assert read_features_h5(out / "corrupt.h5").features_attrs["failed_tiles"] == 16

@@ -215,12 +215,14 @@ class SlideAssembler:
 
 @dataclass(frozen=True)
 class ExtractRun:
-    """What ``extract_features`` did: one result per slide (all ranks'), and this process's rank
-    (only rank 0 should print or exit on it when running on several devices)."""
+    """What ``extract_features`` did: one result per slide (all ranks'), this process's rank
+    (only rank 0 should print or exit on it when running on several devices) and its rate once
+    the pipeline was full (tiles per second, start-up excluded)."""
 
     results: list[SlideResult]
     rank: int = 0
     world_size: int = 1
+    steady_tiles_per_second: float = 0.0  # this rank, from its first batch written to the end
 
     @property
     def failed(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Sequence
@@ -44,6 +45,13 @@ def shard_jobs(jobs: Sequence[SlideJob], rank: int, world_size: int) -> list[Sli
         owner[position] = target
         load[target] += jobs[position].n_tiles
     return [job for i, job in enumerate(jobs) if owner[i] == rank]
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    """Workers already run in parallel: OpenCV's own thread pool would oversubscribe the CPUs."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 class TileFeatureModule(L.LightningModule):
@@ -90,6 +98,7 @@ class TileFeatureModule(L.LightningModule):
             pin_memory=cuda,
             prefetch_factor=4 if self.workers else None,
             persistent_workers=False,
+            worker_init_fn=_one_thread_per_worker,
         )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -118,6 +127,7 @@ class FeatureWriter(BasePredictionWriter):
         self.in_flight: deque = deque()
         self.bar: tqdm | None = None
         self.results: list[SlideResult] = []
+        self.first_landed: tuple[float, int] | None = None  # (time, tiles) after the 1st batch
 
     def on_predict_start(self, trainer, pl_module: TileFeatureModule) -> None:
         self._start(trainer, pl_module)
@@ -165,6 +175,8 @@ class FeatureWriter(BasePredictionWriter):
             prediction["failed"],
         )
         self.bar.update(len(prediction["slide"]) + len(prediction["failed"]))
+        if self.first_landed is None:
+            self.first_landed = (time.perf_counter(), self.assembler.tiles_done)
         if len(self.assembler.results) != before:
             self._show_slides()
 
@@ -181,6 +193,11 @@ class FeatureWriter(BasePredictionWriter):
         while self.in_flight:
             self._land(*self.in_flight.popleft())
         self.assembler.finish_all()
+        self.steady_tiles_per_second = 0.0
+        if self.first_landed is not None:
+            seconds = time.perf_counter() - self.first_landed[0]
+            tiles = self.assembler.tiles_done - self.first_landed[1]
+            self.steady_tiles_per_second = tiles / seconds if seconds > 0 and tiles else 0.0
         self._show_slides()
         self.bar.close()
         mine = self.assembler.results
@@ -242,4 +259,6 @@ def run_prediction(
             results = writer.finish(trainer, module)
         finally:
             quiet.setLevel(level)
-    return ExtractRun(results, trainer.global_rank, trainer.world_size)
+    return ExtractRun(
+        results, trainer.global_rank, trainer.world_size, writer.steady_tiles_per_second
+    )
