@@ -17,6 +17,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "tile slides at a target mpp into HDF5 coords + thumbnails",
     ),
+    "extract": (
+        "longvit.extract.command",
+        "main",
+        "tile features from any timm model into HDF5 (features + coords) per slide",
+    ),
     "fit": ("longvit.training.cli", "fit", "train a slide model (LightningCLI; --config YAML)"),
     "validate": ("longvit.training.cli", "validate", "evaluate on the manifest's val split"),
     "test": ("longvit.training.cli", "test", "evaluate on the manifest's test split"),
