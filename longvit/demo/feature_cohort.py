@@ -9,8 +9,9 @@ Each slide is an irregular blob of tiles on a grid; every tile's feature is Gaus
   tile order, one in the second), each of one of ``n_types`` types; the label is 1 when both
   are of the same type. No single tile and no sum of tiles decides it: a model must relate
   two distant tiles.
-- ``task="survival"``: as "rare", with the marker count setting an exponential risk; gives
-  ``time`` and ``event`` (30% censored) instead of a label.
+- ``task="survival"``: 0 to 2 * n_markers marker tiles; the survival time is
+  10 / (1 + count) times a factor in [0.8, 1.25]; 30% are censored at a random earlier time.
+  Gives ``time`` and ``event`` instead of a label.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def make_feature_cohort(
             where = rng.choice(n, size=count, replace=False)
             feats[where] += signal * directions[-1]
             if task == "survival":
-                time = rng.exponential(10.0 / (1.0 + count))
+                time = 10.0 / (1.0 + count) * rng.uniform(0.8, 1.25)
                 censor = rng.uniform(0, 1) < 0.3
                 row["time"] = f"{(time * rng.uniform(0.3, 1.0) if censor else time) + 0.01:.4f}"
                 row["event"] = 0 if censor else 1
