@@ -17,6 +17,7 @@ import it.
 from longvit.training.classification import SlideClassifier
 from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
 from longvit.training.manifest import Manifest, ManifestError, ManifestRow, read_manifest
+from longvit.training.pixel_data import PixelDataModule, PixelSlideDataset
 from longvit.training.prediction_writer import SlidePredictionWriter
 from longvit.training.slide_module import SlideModule
 from longvit.training.survival import SlideSurvival
@@ -27,6 +28,8 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestRow",
+    "PixelDataModule",
+    "PixelSlideDataset",
     "SlideClassifier",
     "SlideModule",
     "SlidePredictionWriter",

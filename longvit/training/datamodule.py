@@ -83,7 +83,7 @@ class ManifestDataModule(pl.LightningDataModule):
             if rows:
                 train = split == "train"
                 self.datasets[split] = self.make_dataset(
-                    rows, max_tokens=self.max_tokens if train else self.max_tokens_eval
+                    rows, self.max_tokens if train else self.max_tokens_eval, split
                 )
 
     @property
@@ -106,8 +106,9 @@ class ManifestDataModule(pl.LightningDataModule):
     def check_inputs(self, rows: list[ManifestRow]) -> None:
         """Open every input once and raise naming the file if it cannot be used."""
 
-    def make_dataset(self, rows: list[ManifestRow], max_tokens: int | None) -> Dataset:
-        raise NotImplementedError
+    def make_dataset(self, rows: list[ManifestRow], max_tokens: int | None, split: str) -> Dataset:
+        """The Dataset of one split ("train", "val", "test", "predict") (subclasses)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_dataset")
 
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

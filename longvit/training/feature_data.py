@@ -132,5 +132,5 @@ class FeatureDataModule(ManifestDataModule):
             raise ManifestError(f"{self.manifest_path}: feature files differ in width: {detail}")
         self.feature_dim = next(iter(dims))
 
-    def make_dataset(self, rows: list[ManifestRow], max_tokens: int | None) -> Dataset:
+    def make_dataset(self, rows: list[ManifestRow], max_tokens: int | None, split: str) -> Dataset:
         return FeatureSlideDataset(rows, self.targets, max_tokens)
