@@ -168,7 +168,9 @@ def test_class_token_multiplicity_row_matches_reference():
 
 def test_attention_importance_matches_dense_softmax():
     torch.manual_seed(0)
-    module = SlideClassifier(model_kwargs=dict(TINY, segment_lengths=[4, 16], dilation_rates=[1, 2]))
+    module = SlideClassifier(
+        model_kwargs=dict(TINY, segment_lengths=[4, 16], dilation_rates=[1, 2])
+    )
     module.eval()
     n = 13
     batch = {

@@ -121,8 +121,12 @@ def train_and_evaluate(manifest: Path, out: Path, epochs: int, seed: int, accele
         importance="gradxinput",
         model_name="longvit_slide_small",
         model_kwargs=dict(
-            in_chans=data.feature_dim, embed_dim=96, depth=3, num_heads=4,
-            class_token=False, global_pool="max",
+            in_chans=data.feature_dim,
+            embed_dim=96,
+            depth=3,
+            num_heads=4,
+            class_token=False,
+            global_pool="max",
         ),  # fmt: skip
         lr=1e-3,
         weight_decay=0.05,

@@ -119,4 +119,3 @@ class SlideClassifier(SlideModule):
             scores = tile_importance(self, batch, self.importance, target=out["pred"])
             out.update(importance_batch(batch, scores))
         return out
-

@@ -22,7 +22,7 @@ from longvit.training.sampling import split_key
 
 
 def feature_file_info(path: str | os.PathLike) -> tuple[int, int, float]:
-    """(N tiles, D feature width, patch_size_level0) of a feature file; ManifestError if unusable."""
+    """(N tiles, D feature width, patch_size_level0) of a feature file, or ManifestError."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:

@@ -141,9 +141,7 @@ def read_manifest(
         elif task == "survival":
             time, event = _survival(where, rec)
         extra = {k: v for k, v in rec.items() if k not in _KNOWN}
-        rows.append(
-            ManifestRow(slide_id, split, line, slide, features, label, time, event, extra)
-        )
+        rows.append(ManifestRow(slide_id, split, line, slide, features, label, time, event, extra))
     return Manifest(path, rows, class_names)
 
 

@@ -33,9 +33,7 @@ def default_augmentation():
     return A.Compose(
         [
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.8),
-            A.HueSaturationValue(
-                hue_shift_limit=8, sat_shift_limit=12, val_shift_limit=8, p=0.8
-            ),
+            A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=12, val_shift_limit=8, p=0.8),
         ]
     )
 
