@@ -4,8 +4,8 @@
   its label (or survival time and event) and its split; validated before any training.
 - ``feature_data`` / ``pixel_data``: DataModules yielding batches as dicts of tensors with a
   ``padding_mask`` (B, N), True = padding (``collate``).
-- ``classification`` / ``survival`` / ``mae``: LightningModules; each calls its network in
-  one method (``forward_model``) so a sequence-parallel strategy can wrap that call.
+- ``classification`` / ``survival`` / ``mae``: LightningModules on ``SlideModule``; each calls
+  its network in one method (``forward_model``) so a sequence-parallel strategy can wrap it.
 - ``optim``: layer-wise LR decay (timm) with warmup + cosine.
 - ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
 - ``cli``: ``longvit fit | validate | test | predict`` (LightningCLI).
@@ -16,6 +16,7 @@ import it.
 
 from longvit.training.classification import SlideClassifier
 from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
+from longvit.training.mae import SlideMAE
 from longvit.training.manifest import Manifest, ManifestError, ManifestRow, read_manifest
 from longvit.training.pixel_data import PixelDataModule, PixelSlideDataset
 from longvit.training.prediction_writer import SlidePredictionWriter
@@ -31,6 +32,7 @@ __all__ = [
     "PixelDataModule",
     "PixelSlideDataset",
     "SlideClassifier",
+    "SlideMAE",
     "SlideModule",
     "SlidePredictionWriter",
     "SlideSurvival",

@@ -91,8 +91,15 @@ class SlideModule(pl.LightningModule):
         self.check_data()
 
     # ------------------------------------------------------------- optimiser
+    def extra_param_groups(self) -> list[dict]:
+        """Parameter groups beside the network's (e.g. a decoder or a loss head); each needs
+        "params" and "lr" (and may set "weight_decay"). Default: none."""
+        return []
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.lr, self.weight_decay, self.layer_decay)
+        for group in self.extra_param_groups():
+            optimizer.add_param_group({**group, "initial_lr": group["lr"]})
         scheduler = warmup_cosine_scheduler(
             optimizer,
             self.trainer.estimated_stepping_batches,
