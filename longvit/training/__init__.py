@@ -4,7 +4,7 @@
   its label (or survival time and event) and its split; validated before any training.
 - ``feature_data`` / ``pixel_data``: DataModules yielding batches as dicts of tensors with a
   ``padding_mask`` (B, N), True = padding (``collate``).
-- ``classification`` / ``survival`` / ``mae``: LightningModules on ``SlideModule``; each calls
+- ``classification`` / ``survival`` / ``mae`` / ``dino``: LightningModules on ``SlideModule``; each calls
   its network in one method (``forward_model``) so a sequence-parallel strategy can wrap it.
 - ``optim``: layer-wise LR decay (timm) with warmup + cosine.
 - ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
@@ -15,6 +15,7 @@ import it.
 """
 
 from longvit.training.classification import SlideClassifier
+from longvit.training.dino import CropDataModule, SlideDINO
 from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
 from longvit.training.mae import SlideMAE
 from longvit.training.manifest import Manifest, ManifestError, ManifestRow, read_manifest
@@ -24,6 +25,7 @@ from longvit.training.slide_module import SlideModule
 from longvit.training.survival import SlideSurvival
 
 __all__ = [
+    "CropDataModule",
     "FeatureDataModule",
     "FeatureSlideDataset",
     "Manifest",
@@ -32,6 +34,7 @@ __all__ = [
     "PixelDataModule",
     "PixelSlideDataset",
     "SlideClassifier",
+    "SlideDINO",
     "SlideMAE",
     "SlideModule",
     "SlidePredictionWriter",
