@@ -4,8 +4,9 @@
   its label (or survival time and event) and its split; validated before any training.
 - ``feature_data`` / ``pixel_data``: DataModules yielding batches as dicts of tensors with a
   ``padding_mask`` (B, N), True = padding (``collate``).
-- ``classification`` / ``survival`` / ``mae`` / ``dino``: LightningModules on ``SlideModule``; each calls
-  its network in one method (``forward_model``) so a sequence-parallel strategy can wrap it.
+- ``classification`` / ``survival`` / ``mae`` / ``dino``: LightningModules on ``SlideModule``;
+  each calls its network in one method (``forward_model``) so a sequence-parallel strategy
+  can wrap it.
 - ``optim``: layer-wise LR decay (timm) with warmup + cosine.
 - ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
 - ``cli``: ``longvit fit | validate | test | predict`` (LightningCLI).
