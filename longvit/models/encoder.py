@@ -91,6 +91,7 @@ class DilatedEncoder(nn.Module):
         self.has_class_token = class_token
         self.grad_checkpointing = False
         self.activation_offload = False
+        self.residual_dtype: torch.dtype | None = None
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -157,6 +158,12 @@ class DilatedEncoder(nn.Module):
         return x, padding_mask
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
+        if (
+            self.residual_dtype is not None
+            and x.dtype != self.residual_dtype
+            and torch.is_autocast_enabled(x.device.type)
+        ):
+            x = x.to(self.residual_dtype)
         for blk in blocks:
             x = self._run_block(blk, x, mask)
         return x
@@ -254,6 +261,17 @@ class DilatedEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward (and chunk the patch embedding)."""
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_residual_dtype(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Under autocast, carry the residual stream between blocks in `dtype` (None: as is).
+
+        Under bf16 autocast the stream is otherwise float32, because LayerNorm and the
+        position embeddings stay float32; a bf16 stream halves what gradient
+        checkpointing keeps per block (N x C x 2 bytes instead of 4) and the traffic of
+        every residual add, at bf16's rounding of the stream.
+        """
+        self.residual_dtype = dtype
 
     @torch.jit.ignore
     def set_activation_offload(self, enable: bool = True) -> None:
