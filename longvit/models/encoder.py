@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
 from longvit.models.layers import Block
 
@@ -92,6 +93,7 @@ class DilatedEncoder(nn.Module):
         self.grad_checkpointing = False
         self.activation_offload = False
         self.residual_dtype: torch.dtype | None = None
+        self.sp_group = None  # set_sequence_parallel
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -201,11 +203,17 @@ class DilatedEncoder(nn.Module):
                 f"{tuple(padding_mask.shape)}"
             )
         if self.global_pool == "avg":
-            if padding_mask is None:
+            if padding_mask is None and self.sp_group is None:
                 return tokens.mean(dim=1)
+            if padding_mask is None:
+                padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
             valid = (~padding_mask).unsqueeze(-1)
-            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)
-            return total / valid.sum(dim=1).clamp(min=1).to(tokens.dtype)
+            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)  # (B, C)
+            count = valid.sum(dim=1).to(total.dtype)  # (B, 1)
+            if self.sp_group is not None:  # sum over the shards of the sequence
+                both = sp_all_reduce(torch.cat([total, count], dim=1), self.sp_group)
+                total, count = both[:, :-1], both[:, -1:]
+            return total / count.clamp(min=1)
         if padding_mask is None:  # max
             return tokens.amax(dim=1)
         return tokens.masked_fill(padding_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
@@ -261,6 +269,31 @@ class DilatedEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward (and chunk the patch embedding)."""
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_sequence_parallel(self, group) -> None:
+        """Run on this rank's contiguous shard of every sequence (None: whole sequences).
+
+        The attention layers take the process group (their long branches gather keys and
+        values from the ranks that hold their segments); mean pooling sums over all ranks
+        (a differentiable all-reduce), so every rank computes the same pooled features, head
+        and loss. Its backward sums the identical pooled gradients of the group's ranks, so
+        averaging gradients over all ranks (DDP over data x sequence parallel) gives the
+        exact gradient of the whole-sequence model. Inputs must carry explicit positions
+        (``forward_patches`` or the slide encoder's coords); shard them with
+        ``longvit.attention.shard_sequence``. Needs global_pool="avg" (a class token
+        would make the shards unequal).
+        """
+        if group is not None and (self.global_pool != "avg" or self.has_class_token):
+            raise ValueError(
+                "sequence parallelism needs global_pool='avg' and no class token, got "
+                f"global_pool={self.global_pool!r}, class_token={self.has_class_token}; "
+                "create the model with global_pool='avg', class_token=False"
+            )
+        self.sp_group = group
+        for module in self.modules():
+            if isinstance(module, MultiheadDilatedAttention):
+                module.sp_group = group
 
     @torch.jit.ignore
     def set_residual_dtype(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
@@ -322,6 +355,13 @@ class DilatedEncoder(nn.Module):
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
+
+
+def sp_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable sum over a process group (its backward sums the gradients too)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group)
 
 
 def _check_pool(global_pool: str, class_token: bool) -> None:
