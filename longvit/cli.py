@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # subcommand -> (module, function taking argv, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("longvit.generate_command", "main", "reports/captions from slide features"),
+}
 
 
 def register(name: str, module: str, function: str, help_text: str) -> None:
