@@ -162,9 +162,9 @@ def load_captioner(path: str, map_location="cpu") -> SlideCaptioningModule:
     return module.eval()
 
 
-def cli_main(argv: list[str] | None = None):
+def cli_main(argv: list[str] | None = None, run: bool = True):
     """LightningCLI over SlideCaptioningModule and SlideTextDataModule (data.tokenizer follows
-    model.tokenizer)."""
+    model.tokenizer). run=False builds the objects without a subcommand."""
     from lightning.pytorch.cli import LightningCLI
 
     class CaptioningCLI(LightningCLI):
@@ -172,8 +172,8 @@ def cli_main(argv: list[str] | None = None):
             parser.link_arguments("model.tokenizer", "data.tokenizer")
 
     return CaptioningCLI(
-        SlideCaptioningModule, SlideTextDataModule, args=argv, save_config_kwargs={
-            "overwrite": True}
+        SlideCaptioningModule, SlideTextDataModule, args=argv, run=run,
+        save_config_kwargs={"overwrite": True},
     )  # fmt: skip
 
 
