@@ -24,8 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-column", default="features")
     p.add_argument("--text-column", default="text")
     p.add_argument("--split-column", default="split")
-    p.add_argument("--tile-size-level0", type=float, default=None,
-                   help="tile size in level-0 pixels for files without patch_size_level0")
+    p.add_argument(
+        "--tile-size-level0",
+        type=float,
+        default=None,
+        help="tile size in level-0 pixels for files without patch_size_level0",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

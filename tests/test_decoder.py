@@ -42,7 +42,8 @@ def test_forward_shape_and_tied_embeddings():
     tokens = torch.randint(0, 50, (3, 21))
     assert m(tokens).shape == (3, 21, 50)
     assert m.head.weight is m.tok_embed.weight
-    assert not tiny(tie_embeddings=False).head.weight is tiny().tok_embed.weight
+    untied = tiny(tie_embeddings=False)
+    assert untied.head.weight is not untied.tok_embed.weight
 
 
 def test_named_sizes():

@@ -480,11 +480,22 @@ class LongNetDecoder(nn.Module):
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
             Block(
-                dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                segment_lengths=segment_lengths, dilation_rates=dilation_rates, sub_ln=sub_ln,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, init_values=init_values,
-                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer,
-                attn_layer=attn_layer, mlp_chunk_size=mlp_chunk_size, attn_backend=attn_backend,
+                dim=dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                segment_lengths=segment_lengths,
+                dilation_rates=dilation_rates,
+                sub_ln=sub_ln,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                init_values=init_values,
+                drop_path=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                attn_layer=attn_layer,
+                mlp_chunk_size=mlp_chunk_size,
+                attn_backend=attn_backend,
             )  # fmt: skip
             for i in range(depth)
         )
@@ -492,9 +503,16 @@ class LongNetDecoder(nn.Module):
         if cross_attention:
             self.cross_blocks = nn.ModuleList(
                 CrossAttentionBlock(
-                    dim, num_heads, memory_dim, gated=gated_cross_attention, drop_path=dpr[i],
-                    norm_layer=norm_layer, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
-                    proj_drop=proj_drop_rate, sub_ln=sub_ln,
+                    dim,
+                    num_heads,
+                    memory_dim,
+                    gated=gated_cross_attention,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                    qkv_bias=qkv_bias,
+                    attn_drop=attn_drop_rate,
+                    proj_drop=proj_drop_rate,
+                    sub_ln=sub_ln,
                 )  # fmt: skip
                 for i in range(depth)
             )
@@ -576,7 +594,7 @@ class LongNetDecoder(nn.Module):
         elif self.cross_blocks is None and (memory is not None or memory_kv is not None):
             raise ValueError("memory given, but this decoder has no cross-attention")
         x = self.drop(self.tok_embed(tokens))
-        for i, blk in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             kv = None if memory_kv is None else memory_kv[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._layer, i, x, kv, memory_padding_mask, use_reentrant=False)

@@ -110,7 +110,7 @@ def cl100k_available() -> bool:
 
 
 def get_tokenizer(name: str = "auto") -> ByteTokenizer | TiktokenTokenizer:
-    """"auto" (cl100k_base when available offline, else bytes), "cl100k_base" or "byte"."""
+    """ "auto" (cl100k_base when available offline, else bytes), "cl100k_base" or "byte"."""
     if name not in TOKENIZER_NAMES:
         raise ValueError(f"tokenizer must be one of {TOKENIZER_NAMES}, got {name!r}")
     if name == "byte":

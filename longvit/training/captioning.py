@@ -58,10 +58,9 @@ class SlideCaptioningModule(pl.LightningModule):
         self.save_hyperparameters()
         self.hparams.tokenizer = self.tokenizer.name  # the resolved choice goes in checkpoints
         enc = timm.create_model(encoder, num_classes=0, **(encoder_kwargs or {}))
-        dec = create_decoder(
-            decoder, vocab_size=self.tokenizer.vocab_size,
-            **dict({"cross_attention": True, "memory_dim": enc.embed_dim}, **(decoder_kwargs or {})),
-        )  # fmt: skip
+        dec_kwargs = {"cross_attention": True, "memory_dim": enc.embed_dim}
+        dec_kwargs.update(decoder_kwargs or {})
+        dec = create_decoder(decoder, vocab_size=self.tokenizer.vocab_size, **dec_kwargs)
         self.model = SlideCaptioner(enc, dec)
         if grad_checkpointing:
             enc.set_grad_checkpointing(True)

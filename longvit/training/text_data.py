@@ -225,9 +225,7 @@ if pl is not None:
 
         def _dataset(self, split: str, train: bool) -> SlideTextDataset:
             h = self.hparams
-            rows = read_manifest(
-                h.manifest, split, h.feature_column, h.text_column, h.split_column
-            )
+            rows = read_manifest(h.manifest, split, h.feature_column, h.text_column, h.split_column)
             return SlideTextDataset(
                 rows, self.tokenizer, h.feature_column, h.text_column,
                 max_tiles=h.max_tiles if train else None, max_text_tokens=h.max_text_tokens,
