@@ -1,0 +1,1 @@
+"""Training: LightningModules, DataModules and their command lines (imports Lightning)."""
