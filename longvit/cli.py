@@ -18,6 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "tile slides at a target mpp into HDF5 coords + thumbnails",
     ),
     "generate": ("longvit.generate_command", "main", "reports/captions from slide features"),
+    "extract": (
+        "longvit.extract.command",
+        "main",
+        "tile features from any timm model into HDF5 (features + coords) per slide",
+    ),
 }
 
 

@@ -141,14 +141,15 @@ def read_tiles_h5(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return coords, attrs
 
 
-def is_complete(path: str | os.PathLike, expected: dict) -> bool:
-    """True when ``path`` is a readable, complete file whose attributes match ``expected``."""
+def is_complete(path: str | os.PathLike, expected: dict, dataset: str = "coords") -> bool:
+    """True when ``path`` is a readable, complete file whose attributes (on ``dataset``) match
+    ``expected``."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            attrs = f["coords"].attrs
+            attrs = f[dataset].attrs
             if not attrs.get("complete", False):
                 return False
             return all(_same(attrs.get(k), v) for k, v in expected.items())

@@ -1,0 +1,125 @@
+"""``longvit extract``: tile features from any timm model into one HDF5 file per slide.
+
+    longvit extract --model NAME [--weights FILE] --tiles DIR --out DIR [--batch-size N] \\
+        [--workers N] [--precision bf16] [--devices N]
+
+Reads the tile files ``longvit tile`` wrote (``DIR/patches/*.h5``; TRIDENT's and CLAM's too,
+with --slide-dir) and writes ``OUT/<name>.h5`` with ``features`` (N x D) and ``coords`` in the
+TRIDENT/CLAM layout. Complete outputs made with the same model, weights, preprocessing and
+tiles are skipped on a rerun; a slide that fails is named with its reason in the closing
+table and the others go on; the exit code is 1 when any slide failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from longvit.extract.model import PRECISIONS, TileEncoderError, build_tile_encoder
+from longvit.slides.tile_command import format_report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longvit extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    p.add_argument("--weights", type=Path, default=None, help="local .safetensors/.pth checkpoint")
+    p.add_argument(
+        "--random-init", action="store_true", help="no weights: random model (benchmarks only)"
+    )
+    p.add_argument(
+        "--tiles", required=True, nargs="+", help="longvit tile output folders or tile .h5 files"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder for <name>.h5")
+    p.add_argument("--batch-size", type=int, default=256, help="tiles per forward pass")
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers per device (default: CPUs)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument("--devices", type=int, default=1, help="GPUs (one process each, DDP)")
+    p.add_argument("--accelerator", default="auto", help="auto, gpu or cpu")
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        default=None,
+        help="override the model's crop_pct (1.0: whole tile)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help="JSON for timm.create_model, e.g. '{\"img_size\": 256}'",
+    )
+    p.add_argument(
+        "--slide-dir",
+        type=Path,
+        default=None,
+        help="where slides are when a tile file's path is stale",
+    )
+    p.add_argument("--mpp-override", type=float, default=None, help="level-0 mpp for all slides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _default_precision(accelerator: str) -> str:
+    if accelerator == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0")
+    if args.devices < 1:
+        parser.error("--devices must be >= 1")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        parser.error("--crop-pct is a fraction in (0, 1]")
+    from longvit.extract.job import extract_features, find_tile_files
+
+    if not find_tile_files(args.tiles):
+        print("longvit extract: no tile files (.h5) in " + " ".join(args.tiles), file=sys.stderr)
+        return 1
+    try:
+        encoder = build_tile_encoder(
+            args.model,
+            args.weights,
+            random_init=args.random_init,
+            precision=args.precision or _default_precision(args.accelerator),
+            crop_pct=args.crop_pct,
+            model_kwargs=args.model_kwargs,
+        )
+    except TileEncoderError as err:
+        print(f"longvit extract: {err}", file=sys.stderr)
+        return 2
+    run = extract_features(
+        args.tiles,
+        args.out,
+        encoder,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        devices=args.devices,
+        accelerator=args.accelerator,
+        slide_dir=args.slide_dir,
+        mpp_override=args.mpp_override,
+        progress=not args.no_progress,
+    )
+    if run.rank != 0:  # the other DDP processes stay silent; rank 0 reports for all
+        return 0
+    print(format_report(run.results))
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":  # python -m longvit.extract.command
+    raise SystemExit(main())

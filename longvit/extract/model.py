@@ -1,0 +1,321 @@
+"""The tile encoder: any timm model, its own preprocessing, weights from a local file.
+
+``build_tile_encoder("vit_base_patch16_224", weights="vit_b.safetensors")`` creates the model
+with timm (``num_classes=0``: the output is the pooled pre-logits embedding), loads the weights
+through timm's local-file route (``pretrained_cfg_overlay=dict(file=...)``, so the model's own
+checkpoint filter adapts foreign layouts) and resolves the preprocessing from the model's
+pretrained_cfg with ``timm.data.resolve_data_config``. Nothing is fetched from a hub: names that
+point at a hub (``hf-hub:...``) are refused, and without ``weights`` the caller must ask for
+random weights explicitly.
+
+The encoder takes raw tiles, ``(B, H, W, 3)`` uint8 RGB, and does timm's evaluation transform on
+the device it runs on (resize the tile to ``floor(input_size / crop_pct)``, centre crop
+``input_size``, scale to [0, 1], normalise by mean/std): the DataLoader then moves 4x fewer
+bytes and the CPU workers only decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+
+
+class TileEncoderError(ValueError):
+    """The model or its weights cannot be used; the message names the model/file and the fix."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """timm's evaluation transform for one model, as resolved from its pretrained_cfg.
+
+    input_size: (3, H, W) the model's input in pixels. interpolation: "bicubic", "bilinear" or
+    "nearest". mean, std: per-channel normalisation of [0, 1] pixels. crop_pct: the tile is
+    resized to floor(H / crop_pct) x floor(W / crop_pct) and the centre H x W is kept (1.0 keeps
+    the whole tile). crop_mode: timm's "center", "squash" or "border" (identical for square tiles
+    and square inputs).
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    crop_mode: str
+
+    @classmethod
+    def from_data_config(cls, config: dict) -> Preprocessing:
+        """From ``timm.data.resolve_data_config(...)``'s dict."""
+        interpolation = config["interpolation"]
+        if interpolation not in _INTERPOLATIONS:
+            interpolation = "bicubic"  # timm's 'random'/'lanczos'/...: bicubic is its default
+        return cls(
+            input_size=tuple(int(v) for v in config["input_size"]),
+            interpolation=interpolation,
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+            crop_pct=float(config["crop_pct"]),
+            crop_mode=str(config.get("crop_mode") or "center"),
+        )
+
+    @property
+    def scale_size(self) -> tuple[int, int]:
+        """(H, W) the tile is resized to before the centre crop, pixels."""
+        _, h, w = self.input_size
+        return math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+
+    def attributes(self) -> dict:
+        """HDF5 attribute values (numbers and arrays only)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class TilePreprocess(nn.Module):
+    """(B, H, W, 3) uint8 RGB tiles -> (B, 3, h, w) float32 normalised, channels_last.
+
+    Equal to timm's evaluation transform on the same tiles up to resampling round-off (the
+    resize runs on tensors with antialiasing, then rounds to whole pixel values as PIL does);
+    when no resize is needed it is the same arithmetic: x / 255, then (x - mean) / std.
+    """
+
+    def __init__(self, preprocessing: Preprocessing):
+        super().__init__()
+        self.preprocessing = preprocessing
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), False)
+
+    def forward(self, tiles_BHWC: torch.Tensor) -> torch.Tensor:
+        p = self.preprocessing
+        # a permuted NHWC tensor is already channels_last in memory: no copy
+        x_BCHW = tiles_BHWC.permute(0, 3, 1, 2).float()
+        tile_h, tile_w = x_BCHW.shape[-2:]
+        _, out_h, out_w = p.input_size
+        scale_h, scale_w = p.scale_size
+        if p.crop_mode != "squash" and scale_h != scale_w:
+            scale_h = scale_w = max(scale_h, scale_w)  # keep the tile square, crop the rest
+        if (scale_h, scale_w) != (tile_h, tile_w):
+            mode = _INTERPOLATIONS[p.interpolation]
+            extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
+            x_BCHW = F.interpolate(x_BCHW, size=(scale_h, scale_w), mode=mode, **extra)
+            x_BCHW = x_BCHW.clamp_(0, 255).round_()
+        if (scale_h, scale_w) != (out_h, out_w):
+            top = int(round((scale_h - out_h) / 2.0))  # torchvision's CenterCrop offsets
+            left = int(round((scale_w - out_w) / 2.0))
+            x_BCHW = x_BCHW[..., top : top + out_h, left : left + out_w]
+        x_BCHW = x_BCHW.div(255.0)
+        return ((x_BCHW - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+class TileEncoder(nn.Module):
+    """Preprocessing + a timm model: (B, H, W, 3) uint8 tiles -> (B, D) float32 features.
+
+    precision: "bf16" / "fp16" run the model under autocast on the tiles' device, "fp32" as is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocessing: Preprocessing,
+        *,
+        model_name: str,
+        weights: str = "",
+        weights_sha256: str = "",
+        model_kwargs: dict | None = None,
+        precision: str = "fp32",
+    ):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise TileEncoderError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.model = model.eval()
+        self.preprocess = TilePreprocess(preprocessing)
+        self.preprocessing = preprocessing
+        self.model_name = model_name
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        self.model_kwargs = dict(model_kwargs or {})
+        self.precision = precision
+        self.feature_dim = int(
+            getattr(model, "head_hidden_size", None) or getattr(model, "num_features", 0)
+        )
+
+    def forward(self, tiles_BHWC: torch.Tensor) -> torch.Tensor:
+        x_BCHW = self.preprocess(tiles_BHWC)
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        autocast = (
+            torch.autocast(x_BCHW.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            features_BD = self.model(x_BCHW)
+        if features_BD.ndim != 2:
+            raise TileEncoderError(
+                f"model {self.model_name!r} returned features of shape {tuple(features_BD.shape)}; "
+                "a tile encoder must return (B, D): use a timm model whose num_classes=0 output is "
+                "pooled (set global_pool in --model-kwargs for models without pooling)"
+            )
+        return features_BD.float()
+
+    def identity(self) -> dict:
+        """What a complete feature file must match to be skipped on a rerun."""
+        return {
+            "model": self.model_name,
+            "model_kwargs": json.dumps(self.model_kwargs, sort_keys=True),
+            "weights_sha256": self.weights_sha256,
+            "precision": self.precision,
+            "preprocessing": json.dumps(self.preprocessing.attributes(), sort_keys=True),
+        }
+
+    def attributes(self) -> dict:
+        """HDF5 attributes naming the model, its weights and its preprocessing."""
+        return {
+            **self.identity(),
+            "encoder": self.model_name,
+            "weights": self.weights,
+            "feature_dim": self.feature_dim,
+            **{f"preprocessing_{k}": v for k, v in self.preprocessing.attributes().items()},
+        }
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a weights file (read in 16 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(16 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _register_longvit_models() -> None:
+    """Import longvit's timm registrations, when this installation has them."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("longvit.models")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class _KeyReport(logging.Handler):
+    """Collects timm's report of missing / unexpected keys while weights load."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: str = ""
+        self.unexpected: str = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Missing keys"):
+            self.missing = message
+        elif message.startswith("Unexpected keys"):
+            self.unexpected = message
+
+
+def build_tile_encoder(
+    model_name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    random_init: bool = False,
+    precision: str = "fp32",
+    crop_pct: float | None = None,
+    model_kwargs: dict | None = None,
+) -> TileEncoder:
+    """A ``TileEncoder`` for any timm model name (longvit's registered models included).
+
+    Args:
+        model_name: a timm model name, e.g. "vit_base_patch16_224" or "resnet50.a1_in1k".
+        weights: a local .safetensors / .pth / .bin checkpoint (a state dict, or a dict with
+            "state_dict" / "model"; EMA weights are preferred when present).
+        random_init: use the model's random initialisation (benchmarks, tests); required when
+            no weights are given, so a forgotten --weights never yields silent noise features.
+        precision: "bf16", "fp16" (autocast) or "fp32".
+        crop_pct: override the pretrained_cfg's crop_pct (1.0 keeps the whole tile).
+        model_kwargs: passed to ``timm.create_model`` (e.g. img_size, global_pool).
+    """
+    import timm  # imported here: the slides layer and the CLI's help stay light
+    from timm.data import resolve_data_config
+
+    if model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise TileEncoderError(
+            f"{model_name!r} names a hub or directory model; longvit never fetches from a hub. "
+            "Pass the timm architecture name with --model and the downloaded checkpoint with "
+            "--weights FILE"
+        )
+    _register_longvit_models()
+    if not timm.is_model(model_name.split(".")[0]) and not timm.is_model(model_name):
+        raise TileEncoderError(
+            f"timm has no model named {model_name!r}; list names with timm.list_models('*vit*')"
+        )
+    kwargs = dict(model_kwargs or {})
+    if weights is None and not random_init:
+        raise TileEncoderError(
+            f"no weights given for {model_name!r}: pass --weights FILE (a local checkpoint), or "
+            "--random-init to run with random weights (benchmarks and tests only)"
+        )
+    if weights is not None and random_init:
+        raise TileEncoderError("pass either weights or random_init, not both")
+    digest, source = "random-init", "random-init"
+    report = _KeyReport()
+    builder_log = logging.getLogger("timm.models._builder")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise TileEncoderError(f"{path}: no such weights file; check --weights")
+        digest, source = weights_sha256(path), str(path.resolve())
+        # timm's local-file route; source="" so a name's hf-hub default source is never used
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
+                                            "file": source, "source": ""}  # fmt: skip
+    builder_log.addHandler(report)
+    previous_level = builder_log.level
+    builder_log.setLevel(logging.INFO)
+    try:
+        model = timm.create_model(
+            model_name, pretrained=weights is not None, num_classes=0, **kwargs
+        )
+    except (RuntimeError, KeyError, ValueError) as err:
+        where = f"the weights in {weights}" if weights else "the model"
+        raise TileEncoderError(
+            f"cannot build {model_name!r} with {where}: {err}. Check that --model names the "
+            "architecture the checkpoint was trained with (and --model-kwargs its options)"
+        ) from err
+    finally:
+        builder_log.removeHandler(report)
+        builder_log.setLevel(previous_level)
+    if report.missing:
+        raise TileEncoderError(
+            f"{weights}: these weights leave parts of {model_name!r} uninitialised "
+            f"({_shorten(report.missing)}); check that --model names the checkpoint's "
+            "architecture"
+        )
+    if report.unexpected:
+        logging.getLogger("longvit.extract").warning("%s: %s", weights, report.unexpected)
+    args: dict = {"crop_pct": crop_pct} if crop_pct is not None else {}
+    if "img_size" in kwargs:  # the model was built for another size than its pretrained_cfg's
+        size = kwargs["img_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        args["input_size"] = (3, int(h), int(w))
+    preprocessing = Preprocessing.from_data_config(resolve_data_config(args, model=model))
+    kwargs.pop("pretrained_cfg_overlay", None)
+    return TileEncoder(
+        model,
+        preprocessing,
+        model_name=model_name,
+        weights=source,
+        weights_sha256=digest,
+        model_kwargs=kwargs,
+        precision=precision,
+    )

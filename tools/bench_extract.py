@@ -1,0 +1,241 @@
+"""Extraction benchmark: tiles/s end to end (slide decode -> features in HDF5) against the model
+alone on tensors already on the GPU.
+
+1. Writes synthetic pyramidal TIFF slides (tests/slide_factory.py; 0.5 um/px, levels 1/4/16,
+   256-px tiles) in parallel, JPEG-compressed when imagecodecs is importable, else zlib (the
+   stdlib codec tifffile writes without imagecodecs); the table names which.
+2. Tiles them with ``longvit tile``'s ``tile_slide`` (tissue detection on; 224-px tiles at
+   0.5 um/px, so tiles are read from level 0 without resizing, as for a 20x scan).
+3. Model only: the same ``TileEncoder``'s timm model, random weights, channels_last, bf16
+   autocast, forward on a preprocessed (B, 3, 224, 224) batch already on the device, median of
+   ``--repeats`` timed runs of ``--model-batches`` batches.
+4. End to end: ``extract_features`` over all tile files (DataLoader workers decoding with
+   OpenSlide, pinned memory, uint8 to the GPU, preprocessing + model + async copy back, one
+   HDF5 per slide). Reported twice: "steady" counts from the first batch written to the last
+   file written (start-up excluded), "wall" is the whole call (Lightning and worker start-up
+   included). The first run warms the page cache and is discarded; the outputs are deleted
+   between runs so nothing is skipped.
+
+Target (issue 5): end to end >= 90% of model only, vit_base_patch16_224 at 224 px, one H200
+with 16 CPU cores.
+
+    PYTHONPATH=. python tools/bench_extract.py --out bench_results/extract.json     # H200
+    PYTHONPATH=. python tools/bench_extract.py --device cpu --smoke                 # here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights; nothing may reach a hub
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from slide_factory import write_slide  # noqa: E402
+
+from longvit.extract import build_tile_encoder, extract_features, read_features_h5  # noqa: E402
+from longvit.slides import TileSettings, tile_slide  # noqa: E402
+
+
+def _compression(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    try:
+        import imagecodecs  # noqa: F401
+
+        return "jpeg"
+    except ImportError:
+        return "zlib"
+
+
+def _write_one(job: tuple[str, int, float, str]) -> float:
+    path, size, mpp, compression = job
+    start = time.perf_counter()
+    write_slide(path, size, size, mpp=mpp, mpp_style="tiff", levels=(1, 4, 16),
+                compression=compression)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def _tile_one(job: tuple[str, str, TileSettings]) -> int:
+    result = tile_slide(job[0], job[1], job[2])
+    if result.status != "done":
+        raise RuntimeError(f"tiling {job[0]} failed: {result.reason}")
+    return result.tiles
+
+
+def prepare(workdir: Path, args, compression: str) -> tuple[Path, int, float]:
+    """Write and tile the slides (in parallel); (tile folder, tiles, seconds to write)."""
+    slides, tiles = workdir / "slides", workdir / "tiles"
+    slides.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(slides / f"slide_{i:02d}.tif"), args.slide_size, args.slide_mpp, compression)
+            for i in range(args.slides)]  # fmt: skip
+    settings = TileSettings(target_mpp=args.target_mpp, tile_size=args.tile_size,
+                            thumbnail_size=1024)  # fmt: skip
+    cpus = len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(min(cpus, args.slides)) as pool:
+        list(pool.map(_write_one, jobs))
+        write_seconds = time.perf_counter() - start
+        counts = list(pool.map(_tile_one, [(j[0], str(tiles), settings) for j in jobs]))
+    return tiles, sum(counts), write_seconds
+
+
+def model_only(encoder, args, device: torch.device) -> dict:
+    """Images/s of the model alone on a ready (B, 3, H, W) batch on the device."""
+    model = encoder.model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    _, h, w = encoder.preprocessing.input_size
+    x = torch.randn(args.batch_size, 3, h, w, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(encoder.precision)
+
+    def run(batches: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=bool(dtype)):
+            for _ in range(batches):
+                out = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[0] == args.batch_size
+        return batches * args.batch_size / (time.perf_counter() - start)
+
+    run(max(2, args.model_batches // 5))  # warm-up: cuDNN autotuning, allocator
+    rates = [run(args.model_batches) for _ in range(args.repeats)]
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"tiles_per_s": statistics.median(rates), "runs": rates}
+
+
+def end_to_end(encoder, tiles: Path, workdir: Path, args, n_tiles: int) -> dict:
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    steady, wall = [], []
+    for attempt in range(args.repeats + 1):  # the first run warms the page cache
+        out = workdir / "features"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        run = extract_features(tiles, out, encoder, batch_size=args.batch_size,
+                               workers=args.workers, accelerator=accelerator,
+                               progress=False)  # fmt: skip
+        seconds = time.perf_counter() - start
+        if run.failed or sum(r.tiles for r in run.results) != n_tiles:
+            raise RuntimeError(f"extraction incomplete: {run.results}")
+        if attempt:
+            steady.append(run.steady_tiles_per_second)
+            wall.append(n_tiles / seconds)
+    rows = sum(len(read_features_h5(p)) for p in (workdir / "features").glob("*.h5"))
+    assert rows == n_tiles, (rows, n_tiles)
+    return {
+        "steady_tiles_per_s": statistics.median(steady),
+        "wall_tiles_per_s": statistics.median(wall),
+        "steady_runs": steady,
+        "wall_runs": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model-kwargs", type=json.loads, default=None)
+    p.add_argument("--precision", default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--tile-size", type=int, default=224, help="target pixels")
+    p.add_argument("--target-mpp", type=float, default=0.5)
+    p.add_argument("--slide-mpp", type=float, default=0.5, help="level-0 mpp of the slides")
+    p.add_argument("--slides", type=int, default=16)
+    p.add_argument("--slide-size", type=int, default=24000, help="level-0 pixels per side")
+    p.add_argument("--compression", default="auto", choices=["auto", "jpeg", "zlib"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="default: CPUs - 1")
+    p.add_argument("--model-batches", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    p.add_argument("--out", type=Path, default=None, help="JSON results")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU check of the script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.model_kwargs = "vit_tiny_patch16_224", {"img_size": 64}
+        args.tile_size, args.slides, args.slide_size = 64, 2, 1024
+        args.batch_size, args.model_batches, args.repeats = 16, 3, 1
+        args.workers = 1 if args.workers is None else args.workers
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: use --device cpu")
+    cpus = len(os.sched_getaffinity(0))
+    args.workers = cpus - 1 if args.workers is None else args.workers
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    compression = _compression(args.compression)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        tiles, n_tiles, write_seconds = prepare(workdir, args, compression)
+        encoder = build_tile_encoder(args.model, random_init=True, precision=precision,
+                                     model_kwargs=args.model_kwargs)  # fmt: skip
+        alone = model_only(encoder, args, torch.device(args.device))
+        e2e = end_to_end(encoder, tiles, workdir, args, n_tiles)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    ratio = e2e["steady_tiles_per_s"] / alone["tiles_per_s"]
+    shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").exists() else 0
+    result = {
+        "model": args.model,
+        "precision": precision,
+        "preprocessing": encoder.preprocessing.attributes(),
+        "tile_size": args.tile_size,
+        "target_mpp": args.target_mpp,
+        "slide_mpp": args.slide_mpp,
+        "slides": args.slides,
+        "slide_size": args.slide_size,
+        "compression": compression,
+        "tiles": n_tiles,
+        "slide_write_seconds": round(write_seconds, 1),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "model_only": alone,
+        "end_to_end": e2e,
+        "steady_over_model_only": ratio,
+        "wall_over_model_only": e2e["wall_tiles_per_s"] / alone["tiles_per_s"],
+        "target": ">= 0.90 (steady end to end / model only)",
+        "machine": {
+            "device": torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else platform.processor() or platform.machine(),
+            "cpus": cpus,
+            "dev_shm_bytes": shm,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(f"\n{args.model}, {precision}, {args.tile_size}-px tiles ({compression} slides), "
+          f"batch {args.batch_size}, {args.workers} workers, {n_tiles:,} tiles on "
+          f"{result['machine']['device']}")  # fmt: skip
+    print("| measure | tiles/s | vs model only |\n|---|---|---|")
+    print(f"| model only (on-device tensors) | {alone['tiles_per_s']:,.0f} | 1.00 |")
+    print(f"| end to end, steady | {e2e['steady_tiles_per_s']:,.0f} | {ratio:.2f} |")
+    print(f"| end to end, wall (start-up included) | {e2e['wall_tiles_per_s']:,.0f} | "
+          f"{result['wall_over_model_only']:.2f} |")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
