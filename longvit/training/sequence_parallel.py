@@ -16,7 +16,7 @@ W processes arranged as a device mesh ("dp", "sp") of shape (W / S, S):
   replicas (see `DilatedEncoder.set_sequence_parallel`);
 - Lightning writes checkpoints from global rank 0 only.
 
-Multi-node runs use Lightning's usual launchers (torchrun, SLURM); see docs/training.md.
+Multi-node runs use Lightning's usual launchers (torchrun, SLURM); see docs/sequence_parallel.md.
 In a config: ``trainer.strategy: {class_path: longvit.training.sequence_parallel.
 SequenceParallelStrategy, init_args: {sp_size: 2}}``.
 """
