@@ -1,11 +1,14 @@
 """A 2-process sequence-parallel Lightning fit on CPU takes the same steps as one process."""
 
 import json
+import os
+import socket
 
 import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -108,8 +111,6 @@ def test_two_process_sequence_parallel_fit_matches_one_process(tmp_path):
 
 
 def test_shard_batch_pads_and_masks(tmp_path):
-    import torch.distributed as dist
-
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -125,8 +126,60 @@ def test_shard_batch_pads_and_masks(tmp_path):
         dist.destroy_process_group()
 
 
-def test_model_refuses_class_token_pooling_with_sequence_parallel():
+def test_model_refuses_max_pooling_with_sequence_parallel():
     model = timm.create_model("longvit_slide_small", in_chans=8, embed_dim=16, depth=1,
-                              num_heads=2)  # fmt: skip
-    with pytest.raises(ValueError, match="global_pool='avg'"):
+                              num_heads=2, global_pool="max", class_token=False)  # fmt: skip
+    with pytest.raises(ValueError, match="global_pool='avg' or 'token'"):
         model.set_sequence_parallel(object())
+
+
+def _cls_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _cls_model()
+    model.set_sequence_parallel(dist.group.WORLD)
+    batch = shard_batch(collate([Slides()[0], Slides()[2]]), dist.group.WORLD, 32, 1)
+    logits = model(batch["features"], batch["coords"], batch["padding_mask"])
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for g in grads.values():  # what DDP does
+        dist.all_reduce(g)
+        g /= world
+    torch.save({"logits": logits.detach(), "grads": grads}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _cls_model():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "longvit_slide_small", in_chans=8, embed_dim=16, depth=2, num_heads=2, num_classes=2,
+        segment_lengths=[8, 32, 128], dilation_rates=[1, 2, 4],  # 128 spans both ranks
+    ).double()  # fmt: skip
+
+
+def test_class_token_pooling_with_sequence_parallel_matches_one_process(tmp_path):
+    """Two ranks with a class token = one process on [shard 0, pad slot, shard 1]."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cls_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    # 64 tokens -> 63 per rank (+ 1 slot = 64 = 2 x 32): [cls, t0..t62 | slot, t63, pad...]
+    batch = collate([Slides()[0], Slides()[2]])
+    lay = {}
+    for key in ("features", "coords", "padding_mask"):
+        x = batch[key]
+        fill = True if key == "padding_mask" else 0
+        x = torch.cat([x, x.new_full((x.shape[0], 126 - 64, *x.shape[2:]), fill)], dim=1)
+        slot = x.new_full((x.shape[0], 1, *x.shape[2:]), fill)
+        lay[key] = torch.cat([x[:, :63], slot, x[:, 63:]], dim=1)  # 127 + cls = 128 tokens
+    model = _cls_model()
+    logits = model(lay["features"], lay["coords"], lay["padding_mask"])
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for r in (0, 1):
+        torch.testing.assert_close(got[r]["logits"], logits.detach(), rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[0]["grads"][name], p.grad, rtol=1e-9, atol=1e-11,
+                                   msg=name)  # fmt: skip

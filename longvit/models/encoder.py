@@ -155,8 +155,14 @@ class DilatedEncoder(nn.Module):
             return x, padding_mask
         b = x.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        # with sequence parallelism only rank 0's slot is the class token; the other ranks'
+        # slots keep the shards equal and are padding (never a key, never pooled)
+        pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
+        if padding_mask is None and pad_slot:
+            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)[:, 1:]
         if padding_mask is not None:
-            padding_mask = torch.cat([padding_mask.new_zeros(b, 1), padding_mask], dim=1)
+            slot = padding_mask.new_full((b, 1), pad_slot)
+            padding_mask = torch.cat([slot, padding_mask], dim=1)
         return x, padding_mask
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
@@ -192,7 +198,10 @@ class DilatedEncoder(nn.Module):
     def pool(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P + N, C) -> (B, C) by global_pool over the valid tokens ("" returns x)."""
         if self.global_pool == "token":
-            return x[:, 0]
+            if self.sp_group is None:
+                return x[:, 0]
+            cls = x[:, 0] if _sp_rank(self.sp_group) == 0 else x[:, 0] * 0
+            return sp_all_reduce(cls, self.sp_group)  # rank 0's class token on every rank
         if self.global_pool == "":
             return x
         tokens = x[:, self.num_prefix_tokens :]
@@ -281,14 +290,19 @@ class DilatedEncoder(nn.Module):
         averaging gradients over all ranks (DDP over data x sequence parallel) gives the
         exact gradient of the whole-sequence model. Inputs must carry explicit positions
         (``forward_patches`` or the slide encoder's coords); shard them with
-        ``longvit.attention.shard_sequence``. Needs global_pool="avg" (a class token
-        would make the shards unequal).
+        ``longvit.training.sequence_parallel.shard_batch``.
+
+        Pooling: "avg" (mean over the valid tokens of all ranks) or "token" (the class
+        token). With a class token every rank reserves one slot in front of its shard so
+        the shards stay equal: rank 0's slot holds the class token, the others' are
+        padding. The whole sequence is then [cls, shard 0, pad, shard 1, pad, ...]: what
+        one process computes for the data [shard 0, pad, shard 1, ...] with those pads
+        masked (shard_batch(prefix_tokens=1) lays the shards out so).
         """
-        if group is not None and (self.global_pool != "avg" or self.has_class_token):
+        if group is not None and self.global_pool not in ("avg", "token"):
             raise ValueError(
-                "sequence parallelism needs global_pool='avg' and no class token, got "
-                f"global_pool={self.global_pool!r}, class_token={self.has_class_token}; "
-                "create the model with global_pool='avg', class_token=False"
+                "sequence parallelism pools with global_pool='avg' or 'token', got "
+                f"{self.global_pool!r}; create the model with global_pool='avg'"
             )
         self.sp_group = group
         for module in self.modules():
@@ -355,6 +369,10 @@ class DilatedEncoder(nn.Module):
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _sp_rank(group) -> int:
+    return torch.distributed.get_rank(group)
 
 
 def sp_all_reduce(x: torch.Tensor, group) -> torch.Tensor:

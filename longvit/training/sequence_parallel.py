@@ -35,11 +35,15 @@ from lightning.pytorch.strategies import DDPStrategy
 SEQUENCE_KEYS = ("features", "coords", "patches", "positions", "padding_mask", "tokens")
 
 
-def shard_batch(batch: Mapping[str, Any], group, pad_to_multiple: int = 1) -> dict[str, Any]:
+def shard_batch(
+    batch: Mapping[str, Any], group, pad_to_multiple: int = 1, prefix_tokens: int = 0
+) -> dict[str, Any]:
     """This rank's shard of every sequence in a dict batch (dim 1 of SEQUENCE_KEYS).
 
-    Sequences of N tokens are padded to S * n_local tokens, n_local = N / S rounded up to
-    a multiple of pad_to_multiple, and rank i keeps tokens [i * n_local, (i + 1) * n_local).
+    Sequences of N tokens are padded to S * n_local tokens and rank i keeps tokens
+    [i * n_local, (i + 1) * n_local). n_local + prefix_tokens (the slots the model adds in
+    front of each shard, e.g. 1 for a class token) is N / S + prefix_tokens rounded up to a
+    multiple of pad_to_multiple, so the model's shards are multiples of it.
     `padding_mask` (B, N, True = padding) is created when missing and marks the added
     padding. Other entries (labels, slide ids) are kept as they are.
     """
@@ -56,7 +60,8 @@ def shard_batch(batch: Mapping[str, Any], group, pad_to_multiple: int = 1) -> di
         device = batch[keys[0]].device
         out["padding_mask"] = torch.zeros(b, n, dtype=torch.bool, device=device)
         keys.append("padding_mask")
-    n_local = math.ceil(math.ceil(n / world) / pad_to_multiple) * pad_to_multiple
+    per_rank = math.ceil(n / world) + prefix_tokens
+    n_local = math.ceil(per_rank / pad_to_multiple) * pad_to_multiple - prefix_tokens
     total = n_local * world
     for key in keys:
         x = out[key]
@@ -90,6 +95,7 @@ class SequenceParallelStrategy(DDPStrategy):
         self.sp_size = sp_size
         self.pad_to_multiple = pad_to_multiple
         self.sp_group = None
+        self.prefix_tokens = 0  # slots the encoders add in front of each shard (class token)
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
@@ -127,6 +133,7 @@ class SequenceParallelStrategy(DDPStrategy):
             for module in self.lightning_module.modules():
                 if hasattr(module, "set_sequence_parallel"):
                     module.set_sequence_parallel(self.sp_group)
+                    self.prefix_tokens = max(self.prefix_tokens, module.num_prefix_tokens)
                     found += 1
             if not found:
                 raise ValueError(
@@ -138,7 +145,8 @@ class SequenceParallelStrategy(DDPStrategy):
     def _shard(self, args):
         if self.sp_size == 1 or not args or not isinstance(args[0], Mapping):
             return args
-        return (shard_batch(args[0], self.sp_group, self.pad_to_multiple), *args[1:])
+        batch = shard_batch(args[0], self.sp_group, self.pad_to_multiple, self.prefix_tokens)
+        return (batch, *args[1:])
 
     def training_step(self, *args, **kwargs):
         return super().training_step(*self._shard(args), **kwargs)
