@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "tile slides at a target mpp into HDF5 coords + thumbnails",
     ),
+    "generate": ("longvit.generate_command", "main", "reports/captions from slide features"),
     "extract": (
         "longvit.extract.command",
         "main",

@@ -50,7 +50,7 @@ def no_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def tiled(tmp_path_factory):
     """Slides tiled by longvit tile: a (8 x 6 tiles), b (4 x 2), corrupt (one TIFF tile
-    garbled), gone (its slide deleted after tiling)."""
+    garbled), gone (its slide deleted after tiling), tiny (no tiles)."""
     root = tmp_path_factory.mktemp("extract")
     slides, out = root / "slides", root / "tiles"
     slides.mkdir()
@@ -59,7 +59,8 @@ def tiled(tmp_path_factory):
     write_slide(slides / "b.tif", 256, 128, **common)
     bad = write_slide(slides / "corrupt.tif", 512, 256, **common)
     write_slide(slides / "gone.tif", 128, 128, **common)
-    for name in ("a", "b", "corrupt", "gone"):
+    write_slide(slides / "tiny.tif", 60, 40, **common)  # smaller than one tile: no tiles
+    for name in ("a", "b", "corrupt", "gone", "tiny"):
         assert tile_slide(slides / f"{name}.tif", out, SETTINGS).status == "done"
     corrupt_tiles(bad.path, [1])  # level-0 x 256..511, y 0..255: 16 of its 32 tiles
     (slides / "gone.tif").unlink()
@@ -193,7 +194,9 @@ def test_corrupt_region_and_missing_slide_reported(tiled, vit_weights, tmp_path,
     assert gone.startswith("failed") and "no such file" in gone
     corrupt = next(line for line in report.splitlines() if "corrupt.tif" in line)
     assert corrupt.startswith("done") and "16 of 32 tiles unreadable" in corrupt
-    assert "3 done, 0 skipped as already complete, 1 failed" in report
+    assert "4 done, 0 skipped as already complete, 1 failed" in report
+    tiny = read_features_h5(out / "tiny.h5")  # no tiles: an empty, complete file
+    assert tiny.features.shape == (0, 192) and tiny.features_attrs["complete"]
     with h5py.File(out / "corrupt.h5") as f:
         failed = f["failed_tile_index"][()]
         coords_all, _ = read_tiles_h5(tiled / "tiles" / "patches" / "corrupt.h5")

@@ -260,3 +260,29 @@ def test_layer_decay_through_timm_optimizer_factory():
     assert scale[id(params["blocks.0.attn.qkv.weight"])][0] == 0.25
     assert scale[id(params["blocks.1.attn.qkv.weight"])][0] == 0.5
     assert scale[id(params["head.weight"])] == (1.0, 0.05)
+
+
+def test_bf16_residual_stream_keeps_outputs_close_and_trains():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "longvit_small",
+        img_size=128,
+        depth=2,
+        num_classes=3,
+        segment_lengths=[4, 16],
+        dilation_rates=[1, 2],
+    )
+    x = torch.randn(2, 3, 128, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x).float()
+        model.set_residual_dtype(torch.bfloat16)
+        model.set_grad_checkpointing(True)
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(model(x), model(x))  # outside autocast the option does nothing
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "device": torch.cuda.get_device_name()
             if args.device == "cuda"
-            else platform.processor(),
+            else platform.processor() or platform.machine(),
             "cpus": cpus,
             "dev_shm_bytes": shm,
             "torch": torch.__version__,

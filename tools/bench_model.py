@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true", help="activation offload from the start")
+    p.add_argument(
+        "--residual-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the residual stream between blocks (model.set_residual_dtype)",
+    )
     p.add_argument("--patch-chunk", type=int, default=65536, help="patches embedded at a time")
     p.add_argument("--mlp-chunk", type=int, default=262144, help="tokens per MLP chunk")
     p.add_argument("--attn-backend", default="auto")
@@ -69,6 +75,8 @@ def build(args):
     ).to(args.device)  # fmt: skip
     model.train()
     model.set_grad_checkpointing(not args.no_checkpointing)
+    if args.residual_dtype != "float32":
+        model.set_residual_dtype(getattr(torch, args.residual_dtype))
     fused = args.device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
     return model, opt

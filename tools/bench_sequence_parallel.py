@@ -113,12 +113,75 @@ def weak_scaling(rank, world, device, tokens_per_gpu, iters, warmup):
     }  # fmt: skip
 
 
+def model_step(rank, world, device, tokens_per_gpu, iters, model_name="longvit_base"):
+    """A training step of a LongViT pixel encoder on tokens_per_gpu streamed patches per GPU.
+
+    bf16 autocast, gradient checkpointing, a bf16 residual stream, AdamW; gradients are
+    averaged over the ranks (what DDP does) before the optimizer step.
+    """
+    import timm
+    import torch.nn.functional as F
+
+    import longvit  # noqa: F401  (registers the models)
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=2, mlp_chunk_size=262144).to(device)
+    model.set_grad_checkpointing(True)
+    model.set_residual_dtype(torch.bfloat16)
+    group = dist.group.WORLD if world > 1 else None
+    model.set_sequence_parallel(group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    n_global = tokens_per_gpu * world
+    side = int(n_global**0.5)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    patches = torch.randint(0, 256, (1, tokens_per_gpu, 3, 32, 32), dtype=torch.uint8,
+                            device=device, generator=gen)  # fmt: skip
+    idx = torch.arange(rank * tokens_per_gpu, (rank + 1) * tokens_per_gpu, device=device)
+    positions = torch.stack([idx % side, idx // side], dim=-1).unsqueeze(0)
+    label = torch.tensor([1], device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model.forward_patches(patches, positions, grid_size=(side + 1, side + 1))
+        F.cross_entropy(logits.float(), label).backward()
+        if world > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / GIB, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {"model": model_name, "gpus": world, "tokens_per_gpu": tokens_per_gpu,
+            "tokens": n_global, "step_s": statistics.median(times),
+            "peak_gib_per_gpu": peak.item()}  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens-per-gpu", type=int, nargs="*", default=[262144, 1048576])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument(
+        "--model-step",
+        type=int,
+        default=0,
+        metavar="TOKENS_PER_GPU",
+        help="also time a longvit_base training step at this many tokens per GPU",
+    )
+    p.add_argument("--model", default="longvit_base")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -144,6 +207,14 @@ def main(argv=None):
         if rank == 0:
             print(f"[{world} GPUs] " + json.dumps(row), flush=True)
     result["weak_scaling"] = rows
+    if args.model_step:
+        try:
+            row = model_step(rank, world, device, args.model_step, 2, args.model)
+        except torch.cuda.OutOfMemoryError:
+            row = {"gpus": world, "tokens_per_gpu": args.model_step, "error": "out of memory"}
+        result["model_step"] = row
+        if rank == 0:
+            print(f"[{world} GPUs] model step " + json.dumps(row), flush=True)
     if rank == 0 and args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

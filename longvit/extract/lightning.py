@@ -47,13 +47,6 @@ def shard_jobs(jobs: Sequence[SlideJob], rank: int, world_size: int) -> list[Sli
     return [job for i, job in enumerate(jobs) if owner[i] == rank]
 
 
-def _one_thread_per_worker(worker_id: int) -> None:
-    """Workers already run in parallel: OpenCV's own thread pool would oversubscribe the CPUs."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 class TileFeatureModule(L.LightningModule):
     """Predict-only module: a batch of uint8 tiles in, their features out.
 
@@ -98,7 +91,6 @@ class TileFeatureModule(L.LightningModule):
             pin_memory=cuda,
             prefetch_factor=4 if self.workers else None,
             persistent_workers=False,
-            worker_init_fn=_one_thread_per_worker,
         )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
 from longvit.models.layers import Block
 
@@ -91,6 +92,8 @@ class DilatedEncoder(nn.Module):
         self.has_class_token = class_token
         self.grad_checkpointing = False
         self.activation_offload = False
+        self.residual_dtype: torch.dtype | None = None
+        self.sp_group = None  # set_sequence_parallel
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -152,11 +155,23 @@ class DilatedEncoder(nn.Module):
             return x, padding_mask
         b = x.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        # with sequence parallelism only rank 0's slot is the class token; the other ranks'
+        # slots keep the shards equal and are padding (never a key, never pooled)
+        pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
+        if padding_mask is None and pad_slot:
+            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)[:, 1:]
         if padding_mask is not None:
-            padding_mask = torch.cat([padding_mask.new_zeros(b, 1), padding_mask], dim=1)
+            slot = padding_mask.new_full((b, 1), pad_slot)
+            padding_mask = torch.cat([slot, padding_mask], dim=1)
         return x, padding_mask
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
+        if (
+            self.residual_dtype is not None
+            and x.dtype != self.residual_dtype
+            and torch.is_autocast_enabled(x.device.type)
+        ):
+            x = x.to(self.residual_dtype)
         for blk in blocks:
             x = self._run_block(blk, x, mask)
         return x
@@ -183,7 +198,10 @@ class DilatedEncoder(nn.Module):
     def pool(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P + N, C) -> (B, C) by global_pool over the valid tokens ("" returns x)."""
         if self.global_pool == "token":
-            return x[:, 0]
+            if self.sp_group is None:
+                return x[:, 0]
+            cls = x[:, 0] if _sp_rank(self.sp_group) == 0 else x[:, 0] * 0
+            return sp_all_reduce(cls, self.sp_group)  # rank 0's class token on every rank
         if self.global_pool == "":
             return x
         tokens = x[:, self.num_prefix_tokens :]
@@ -194,11 +212,17 @@ class DilatedEncoder(nn.Module):
                 f"{tuple(padding_mask.shape)}"
             )
         if self.global_pool == "avg":
-            if padding_mask is None:
+            if padding_mask is None and self.sp_group is None:
                 return tokens.mean(dim=1)
+            if padding_mask is None:
+                padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
             valid = (~padding_mask).unsqueeze(-1)
-            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)
-            return total / valid.sum(dim=1).clamp(min=1).to(tokens.dtype)
+            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)  # (B, C)
+            count = valid.sum(dim=1).to(total.dtype)  # (B, 1)
+            if self.sp_group is not None:  # sum over the shards of the sequence
+                both = sp_all_reduce(torch.cat([total, count], dim=1), self.sp_group)
+                total, count = both[:, :-1], both[:, -1:]
+            return total / count.clamp(min=1)
         if padding_mask is None:  # max
             return tokens.amax(dim=1)
         return tokens.masked_fill(padding_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
@@ -256,6 +280,47 @@ class DilatedEncoder(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_sequence_parallel(self, group) -> None:
+        """Run on this rank's contiguous shard of every sequence (None: whole sequences).
+
+        The attention layers take the process group (their long branches gather keys and
+        values from the ranks that hold their segments); mean pooling sums over all ranks
+        (a differentiable all-reduce), so every rank computes the same pooled features, head
+        and loss. Its backward sums the identical pooled gradients of the group's ranks, so
+        averaging gradients over all ranks (DDP over data x sequence parallel) gives the
+        exact gradient of the whole-sequence model. Inputs must carry explicit positions
+        (``forward_patches`` or the slide encoder's coords); shard them with
+        ``longvit.training.sequence_parallel.shard_batch``.
+
+        Pooling: "avg" (mean over the valid tokens of all ranks) or "token" (the class
+        token). With a class token every rank reserves one slot in front of its shard so
+        the shards stay equal: rank 0's slot holds the class token, the others' are
+        padding. The whole sequence is then [cls, shard 0, pad, shard 1, pad, ...]: what
+        one process computes for the data [shard 0, pad, shard 1, ...] with those pads
+        masked (shard_batch(prefix_tokens=1) lays the shards out so).
+        """
+        if group is not None and self.global_pool not in ("avg", "token"):
+            raise ValueError(
+                "sequence parallelism pools with global_pool='avg' or 'token', got "
+                f"{self.global_pool!r}; create the model with global_pool='avg'"
+            )
+        self.sp_group = group
+        for module in self.modules():
+            if isinstance(module, MultiheadDilatedAttention):
+                module.sp_group = group
+
+    @torch.jit.ignore
+    def set_residual_dtype(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Under autocast, carry the residual stream between blocks in `dtype` (None: as is).
+
+        Under bf16 autocast the stream is otherwise float32, because LayerNorm and the
+        position embeddings stay float32; a bf16 stream halves what gradient
+        checkpointing keeps per block (N x C x 2 bytes instead of 4) and the traffic of
+        every residual add, at bf16's rounding of the stream.
+        """
+        self.residual_dtype = dtype
+
+    @torch.jit.ignore
     def set_activation_offload(self, enable: bool = True) -> None:
         """With gradient checkpointing: keep each block's saved input in pinned host memory.
 
@@ -304,6 +369,17 @@ class DilatedEncoder(nn.Module):
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _sp_rank(group) -> int:
+    return torch.distributed.get_rank(group)
+
+
+def sp_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable sum over a process group (its backward sums the gradients too)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group)
 
 
 def _check_pool(global_pool: str, class_token: bool) -> None:

@@ -10,6 +10,8 @@
 - ``optim``: layer-wise LR decay (timm) with warmup + cosine.
 - ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
 - ``cli``: ``longvit fit | validate | test | predict`` (LightningCLI).
+- ``captioning`` / ``text_data``: slide-to-report generation; ``sequence_parallel``: the
+  Lightning strategy sharding a slide's tokens over GPUs.
 
 Importing this package imports Lightning; ``longvit.attention`` and ``longvit.models`` never
 import it.
