@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	NO_ALBUMENTATIONS_UPDATE=1 $(PY) tools/bench_attention.py --cpu-only
+	NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 $(PY) -m longvit demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check longvit tests tools

@@ -23,6 +23,19 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "tile features from any timm model into HDF5 (features + coords) per slide",
     ),
+    "fit": ("longvit.training.cli", "fit", "train a slide model (LightningCLI; --config YAML)"),
+    "validate": ("longvit.training.cli", "validate", "evaluate on the manifest's val split"),
+    "test": ("longvit.training.cli", "test", "evaluate on the manifest's test split"),
+    "predict": (
+        "longvit.training.cli",
+        "predict",
+        "per-slide predictions CSV and heatmaps",
+    ),
+    "demo": (
+        "longvit.demo.pipeline",
+        "main",
+        "synthetic cohort -> tiles -> features -> slide classifier -> AUROC + heatmaps",
+    ),
 }
 
 

@@ -1,0 +1,136 @@
+"""Feature mode: each slide is the HDF5 file of its tile features (from ``longvit extract``).
+
+File layout (TRIDENT / CLAM compatible): dataset ``features`` (N, D) float, dataset ``coords``
+(N, 2) int64 level-0 (x, y) of each tile's top-left corner, attribute ``patch_size_level0``
+(tile side in level-0 pixels) on ``coords`` or on the file. Positions for the slide encoder are
+grid units (x, y) = (column, row) = coords / patch_size_level0 (``longvit.models.pos_embed``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from longvit.training.datamodule import ManifestDataModule
+from longvit.training.manifest import ManifestError, ManifestRow
+from longvit.training.sampling import split_key
+
+
+def feature_file_info(path: str | os.PathLike) -> tuple[int, int, float]:
+    """(N tiles, D feature width, patch_size_level0) of a feature file, or ManifestError."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            for name in ("features", "coords"):
+                if name not in f:
+                    raise ManifestError(
+                        f"{path}: no dataset {name!r} (expected 'features' (N, D) and 'coords' "
+                        f"(N, 2) level-0 x, y as `longvit extract` writes)"
+                    )
+            feats, coords = f["features"], f["coords"]
+            feats_shape = feats.shape[-2:] if feats.ndim == 3 else feats.shape  # CLAM: (1, N, D)
+            coords_shape = coords.shape[-2:] if coords.ndim == 3 else coords.shape
+            if len(feats_shape) != 2 or coords_shape != (feats_shape[0], 2):
+                raise ManifestError(
+                    f"{path}: 'features' {feats.shape} and 'coords' {coords.shape} do not match; "
+                    f"expected (N, D) and (N, 2)"
+                )
+            size = _patch_size_level0(f)
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot be read as HDF5 ({err})") from err
+    if feats_shape[0] == 0:
+        raise ManifestError(f"{path}: holds no tiles (N = 0); remove the slide from the manifest")
+    return int(feats_shape[0]), int(feats_shape[1]), size
+
+
+def _patch_size_level0(f: h5py.File) -> float:
+    for owner in (f["coords"], f["features"], f):
+        if "patch_size_level0" in owner.attrs:
+            return float(owner.attrs["patch_size_level0"])
+    raise ManifestError(
+        f"{f.filename}: no attribute 'patch_size_level0' (tile side in level-0 pixels) on "
+        f"'coords' or the file; it is needed to turn level-0 coords into grid positions"
+    )
+
+
+def read_feature_file(path: str | os.PathLike) -> dict[str, np.ndarray | float]:
+    """{"features": (N, D) float32, "coords_level0": (N, 2) int64, "patch_size_level0": float}."""
+    with h5py.File(path, "r") as f:
+        feats = np.asarray(f["features"], dtype=np.float32)
+        coords = np.asarray(f["coords"]).astype(np.int64)
+        size = _patch_size_level0(f)
+    return {
+        "features": feats.reshape(-1, feats.shape[-1]),
+        "coords_level0": coords.reshape(-1, 2),
+        "patch_size_level0": size,
+    }
+
+
+class FeatureSlideDataset(Dataset):
+    """One item per slide: its tile features as a token sequence.
+
+    Item: ``features`` (N, D) float32, ``coords`` (N, 2) float32 grid (x, y),
+    ``coords_level0`` (N, 2) int64, ``patch_size_level0`` float, ``slide_id`` str,
+    ``slide_path`` str ("" when unknown), plus the targets given by ``targets(row)``.
+    With max_tokens, a random subset of that many tiles (kept in file order) is drawn from the
+    key's seed (``EpochSampler``) or from the index when no seed comes with the key.
+    """
+
+    def __init__(self, rows: list[ManifestRow], targets, max_tokens: int | None = None):
+        self.rows, self.targets, self.max_tokens = rows, targets, max_tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> dict:
+        index, seed = split_key(key)
+        row = self.rows[index]
+        data = read_feature_file(row.features)
+        feats, coords0 = data["features"], data["coords_level0"]
+        if self.max_tokens is not None and len(feats) > self.max_tokens:
+            rng = np.random.default_rng(index if seed is None else seed)
+            keep = np.sort(rng.choice(len(feats), size=self.max_tokens, replace=False))
+            feats, coords0 = feats[keep], coords0[keep]
+        size = data["patch_size_level0"]
+        return {
+            "features": torch.from_numpy(feats),
+            "coords": torch.from_numpy(coords0 / size).float(),
+            "coords_level0": torch.from_numpy(coords0),
+            "patch_size_level0": float(size),
+            "slide_id": row.slide_id,
+            "slide_path": str(row.slide or ""),
+            **self.targets(row),
+        }
+
+
+class FeatureDataModule(ManifestDataModule):
+    """Feature-mode DataModule: tile features from HDF5 files named in the manifest.
+
+    Batches: ``features`` (B, N, D), ``coords`` (B, N, 2) grid (x, y), ``coords_level0``
+    (B, N, 2), ``padding_mask`` (B, N) True = padding, ``slide_id`` list, and ``label`` (B,)
+    or ``time``/``event``/``time_bin`` (B,). See ``ManifestDataModule`` for the arguments.
+    """
+
+    mode = "features"
+
+    def __init__(self, manifest: str | os.PathLike, **kwargs):
+        super().__init__(manifest, **kwargs)
+        self.feature_dim: int | None = None
+
+    def check_inputs(self, rows: list[ManifestRow]) -> None:
+        dims = {}
+        for row in rows:
+            _, dim, _ = feature_file_info(row.features)
+            dims.setdefault(dim, row.features)
+        if len(dims) > 1:
+            detail = ", ".join(f"D={d} in {p}" for d, p in dims.items())
+            raise ManifestError(f"{self.manifest_path}: feature files differ in width: {detail}")
+        self.feature_dim = next(iter(dims))
+
+    def make_dataset(self, rows: list[ManifestRow], max_tokens: int | None, split: str) -> Dataset:
+        return FeatureSlideDataset(rows, self.targets, max_tokens)
