@@ -16,8 +16,10 @@ def segment_schedule(
 ) -> list[int]:
     """Geometric segment lengths from a small local window up to the whole sequence.
 
-    The first segment is min(min_segment, N / 16) rounded to a power of two, the
-    last is N, and the ones between are log-spaced and rounded to powers of two,
+    The first segment is N / 16 (at least 64, at most min_segment) rounded to a power
+    of two and capped at N, the last is N, and the ones between are log-spaced and
+    rounded to powers of two, capped at N (so a short sequence of at most 64 tokens is
+    attended in full by every branch, instead of by windows of a token or two),
     as LongViT's published schedules (1,024 tokens: [64, 128, 256, 512, 1024];
     16,384 tokens: [1024, ..., 16384]) and Prov-GigaPath's log-spaced lengths.
     """
@@ -28,7 +30,7 @@ def segment_schedule(
         raise ValueError("dilation_rates must name at least one rate")
     if n_branches == 1:
         return [num_tokens]
-    first = min(min_segment, max(1, num_tokens // 16))
+    first = min(min_segment, max(64, num_tokens // 16))
     first = 2 ** round(math.log2(first))
     first = min(first, num_tokens)
     lengths = []

@@ -32,7 +32,15 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 # Batch keys whose dim 1 is the token sequence (features, coordinates, patches...).
-SEQUENCE_KEYS = ("features", "coords", "patches", "positions", "padding_mask", "tokens")
+SEQUENCE_KEYS = (
+    "features",
+    "coords",
+    "coords_level0",
+    "patches",
+    "positions",
+    "padding_mask",
+    "tokens",
+)
 
 
 def shard_batch(
