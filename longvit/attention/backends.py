@@ -174,7 +174,7 @@ class CpuFlashBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, key_bias, causal, dropout_p, scale, state):
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse.to(_lse_dtype(q)), 0.0, causal,
+            dout.contiguous(), q, k, v, out, lse.to(accumulator_dtype(q.dtype)), 0.0, causal,
             attn_mask=self._mask(key_bias, q), scale=scale,
         )  # fmt: skip
         return dq, dk, dv
@@ -308,8 +308,9 @@ class EfficientBackend(_FusedCuda):
         return dq, dk, dv
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of LSEs and merged outputs: float64 stays float64 (exact checks), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

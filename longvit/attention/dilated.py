@@ -23,6 +23,7 @@ import torch
 from longvit.attention.backends import (
     NO_KEY_LSE,
     Backend,
+    accumulator_dtype,
     default_scale,
     resolve_backend,
 )
@@ -203,8 +204,7 @@ def _chunks(lay: BranchLayout, rows: int, width: int):
 
 def _rows(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
     """(B, N, H, X) -> (B * S, w_padded, H, X): a view unless padding is needed."""
-    xs = to_segments(x, lay, fill)
-    return xs.flatten(0, 1) if not lay.needs_padding else xs.reshape(-1, *xs.shape[2:])
+    return to_segments(x, lay, fill).flatten(0, 1)
 
 
 def _write_back(x: torch.Tensor, rows: torch.Tensor, lay: BranchLayout) -> None:
@@ -218,12 +218,8 @@ def _kernel_input(rows: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
     return gather_segments(rows, lay).transpose(1, 2)
 
 
-def _parts(rows: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
-    return dilated_parts(rows, lay)
-
-
 def _from_kernel(y: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Kernel output (C, H, m, X) cut like the views of _parts."""
+    """Kernel output (C, H, m, X) cut like the views of dilated_parts."""
     return split_heads_like(y.transpose(1, 2), parts)
 
 
@@ -278,14 +274,7 @@ def _merge_(out_v, lse_v, o, lse):
     """
     delta = lse - lse_v
     out_v.lerp_(o.to(out_v.dtype), torch.sigmoid(delta))
-    torch.logaddexp(lse_v, lse, out=lse_v) if lse_v.is_contiguous() else lse_v.copy_(
-        torch.logaddexp(lse_v, lse)
-    )
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (exact checks); everything else merges in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    lse_v.copy_(torch.logaddexp(lse_v, lse))
 
 
 def _ordered(plan: _Plan):
@@ -308,7 +297,7 @@ def _starts_covered(plan: _Plan, branches) -> bool:
 
 def _forward(q, k, v, key_valid, plan: _Plan):
     b, n, h, d = q.shape
-    acc_dtype = _accumulator_dtype(q.dtype)
+    acc_dtype = accumulator_dtype(q.dtype)
     branches = _ordered(plan)
     first_copies = _starts_covered(plan, branches)
     alloc = torch.empty if first_copies else torch.zeros
@@ -356,7 +345,7 @@ def _clear_no_key(o, lse, no_key):
 def merge_kernel_output(acc_rows, lse_rows, o, lse, lay: BranchLayout, copy: bool) -> None:
     """Merge a kernel result o (C, H, m, D), lse (C, H, m) into accumulator segment rows
     acc_rows (C, w_padded, H, D), lse_rows (C, w_padded, H, 1) at the branch's positions."""
-    parts_o, parts_l = _parts(acc_rows, lay), _parts(lse_rows, lay)
+    parts_o, parts_l = dilated_parts(acc_rows, lay), dilated_parts(lse_rows, lay)
     src_o = _from_kernel(o, parts_o)
     src_l = _from_kernel(lse.to(lse_rows.dtype).unsqueeze(-1), parts_l)
     for po, pl, so, sl in zip(parts_o, parts_l, src_o, src_l):
@@ -369,7 +358,7 @@ def merge_kernel_output(acc_rows, lse_rows, o, lse, lay: BranchLayout, copy: boo
 
 def add_kernel_grad(acc_rows, g, lay: BranchLayout, copy: bool) -> None:
     """Add (or copy) a kernel gradient g (C, H, m, D) into segment rows (C, w_padded, H, D)."""
-    parts = _parts(acc_rows, lay)
+    parts = dilated_parts(acc_rows, lay)
     for part, src in zip(parts, _from_kernel(g, parts)):
         part.copy_(src) if copy else part.add_(src)
 

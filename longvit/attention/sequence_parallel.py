@@ -104,10 +104,10 @@ class SequenceParallel:
         return out
 
     # ------------------------------------------------------------------ branches
-    def _calls(self, k_all, v_all, valid_all, index: int, m: int, causal: bool):
-        """Key ranges to attend: [(k, v, valid, causal, slice)], one or two per branch."""
+    def _calls(self, num_keys: int, index: int, m: int, causal: bool):
+        """Key ranges of the gathered keys to attend: [(slice, causal)], one or two."""
         if not causal:
-            return [(slice(0, k_all.shape[2]), False)]
+            return [(slice(0, num_keys), False)]
         calls = [(slice(index * m, (index + 1) * m), True)]  # own keys, causally
         if index > 0:
             calls.append((slice(0, index * m), False))  # every key of earlier ranks
@@ -133,7 +133,7 @@ class SequenceParallel:
         valid_all = self._valid(key_valid, lay, heads, group, kk)
         acc_rows, lse_rows = _rows(acc, lay), _rows(acc_lse, lay)
         states = []
-        for keys, causal in self._calls(k_all, v_all, valid_all, index, lay.m, plan.causal):
+        for keys, causal in self._calls(k_all.shape[2], index, lay.m, plan.causal):
             valid = None if valid_all is None else valid_all[:, :, keys]
             bias, no_key = (None, None) if valid is None else keys_from_valid(valid, causal)
             o, lse, state = plan.backend.forward(
@@ -153,7 +153,7 @@ class SequenceParallel:
         k_all, v_all, valid_all = saved["k_all"], saved["v_all"], saved["valid_all"]
         dq = torch.zeros_like(qb)
         dk_all, dv_all = torch.zeros_like(k_all), torch.zeros_like(v_all)
-        calls = self._calls(k_all, v_all, valid_all, index, lay.m, plan.causal)
+        calls = self._calls(k_all.shape[2], index, lay.m, plan.causal)
         for (keys, causal), state in zip(calls, saved["states"]):
             valid = None if valid_all is None else valid_all[:, :, keys]
             bias, _ = (None, None) if valid is None else keys_from_valid(valid, causal)
