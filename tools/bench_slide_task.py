@@ -1,9 +1,11 @@
 """A slide-level task that needs long-range attention: longvit_slide_base, full vs local-only.
 
 Writes a synthetic feature cohort (``longvit.demo.feature_cohort``, task "pair"): every slide
-has thousands of tiles of Gaussian-noise features and two marker tiles far apart (one in the
-first quarter of the tile order, one in the last), each of one of 4 types; the label is 1 when
-both markers are of the same type. Then it trains, with the same data, seed and schedule,
+has thousands of tiles of Gaussian-noise features and two marker regions far apart (runs of
+consecutive tiles, one in the first quarter of the tile order, one in the last), each of one of
+4 types, always different; the label is 1 when the two types are partners (0-1 or 2-3), which
+no single region and no sum of tile features decides. Then it trains, with the same data, seed
+and schedule,
 
 - ``full``: longvit_slide_base as registered (dilation rates 1..16, segments up to N), and
 - ``local``: the same model restricted to its first branch (one segment length w_0 of the
@@ -44,10 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=int, default=6000)
     p.add_argument("--dim", type=int, default=256, help="tile feature width")
     p.add_argument("--signal", type=float, default=4.0, help="marker strength (noise std 1)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--region", type=float, nargs=2, default=(0.05, 0.08),
+        help="size range of each marker region, as a fraction of the slide's tiles",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--minutes-per-model", type=float, default=3.5, help="Trainer max_time")
+    p.add_argument("--minutes-per-model", type=float, default=3.0, help="Trainer max_time")
     p.add_argument("--workdir", default=None, help="cohort folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     manifest = make_feature_cohort(
         workdir, n_slides=args.slides, tiles=(args.min_tiles, args.max_tiles), dim=args.dim,
-        task="pair", n_types=4, signal=args.signal, splits=(0.7, 0.1, 0.2), seed=args.seed,
+        task="pair", n_types=4, signal=args.signal, region=tuple(args.region), splits=(0.7, 0.1, 0.2), seed=args.seed,
     )  # fmt: skip
     n_median = median_tiles(manifest)
     local_segment = segment_schedule(n_median)[0]

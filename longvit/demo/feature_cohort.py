@@ -5,10 +5,14 @@ Each slide is an irregular blob of tiles on a grid; every tile's feature is Gaus
 
 - ``task="rare"``: positive slides hold ``n_markers`` tiles, anywhere, whose feature carries a
   fixed "marker" direction; negatives hold none.
-- ``task="pair"``: every slide holds two marker tiles far apart (one in the first half of the
-  tile order, one in the second), each of one of ``n_types`` types; the label is 1 when both
-  are of the same type. No single tile and no sum of tiles decides it: a model must relate
-  two distant tiles.
+- ``task="pair"``: every slide holds two marker regions far apart: a run of ``region``
+  consecutive tiles (in tile order, i.e. a band of rows) in the first quarter of the slide
+  and another in the last quarter, each of one of ``n_types`` types (n_types even, the two
+  types always different). Types come in partner pairs (0-1, 2-3, ...); the label is 1 when
+  the two regions are partners. Every slide has the same amount of marker signal and both
+  classes use every type equally, and partner pairs are not linearly separable from the
+  summed tile features, so no single tile, no window and no sum of tiles decides it: a
+  model must relate two distant regions.
 - ``task="survival"``: 0 to 2 * n_markers marker tiles; the survival time is
   10 / (1 + count) times a factor in [0.8, 1.25]; 30% are censored at a random earlier time.
   Gives ``time`` and ``event`` instead of a label.
@@ -64,6 +68,15 @@ def blob_grid(rng: np.random.Generator, n_tiles: int) -> np.ndarray:
     return np.stack([order % side, order // side], axis=1)
 
 
+def _pair_types(rng: np.random.Generator, n_types: int, label: int) -> tuple[int, int]:
+    """Two different types; partners (t, t ^ 1) when label is 1, else any other pair."""
+    a = int(rng.integers(n_types))
+    if label:
+        return a, a ^ 1
+    others = [t for t in range(n_types) if t not in (a, a ^ 1)]
+    return a, int(rng.choice(others))
+
+
 def make_feature_cohort(
     out_dir: str | os.PathLike,
     *,
@@ -74,15 +87,20 @@ def make_feature_cohort(
     n_markers: int = 3,
     n_types: int = 4,
     signal: float = 3.0,
+    region: tuple[float, float] = (0.02, 0.03),
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
 ) -> Path:
     """Write ``out_dir/features/<slide>.h5`` and ``out_dir/manifest.csv``; return the manifest.
 
     Labels alternate 0 / 1 so every split is balanced; splits are assigned in order.
+    ``region``: for task "pair", the range of each marker region's size as a fraction of
+    the slide's tiles (at least one tile).
     """
     if task not in ("rare", "pair", "survival"):
         raise ValueError(f"task must be 'rare', 'pair' or 'survival', got {task!r}")
+    if task == "pair" and (n_types < 4 or n_types % 2):
+        raise ValueError(f"task 'pair' needs an even n_types >= 4, got {n_types}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     directions = rng.normal(0, 1, (max(n_types, 1) + 1, dim)).astype(np.float32)
@@ -97,12 +115,11 @@ def make_feature_cohort(
         label = i % 2
         row = {"slide_id": f"slide_{i:03d}", "features": f"features/slide_{i:03d}.h5"}
         if task == "pair":
-            first = int(rng.integers(0, n // 4))
-            second = int(rng.integers(3 * n // 4, n))
-            type_a = int(rng.integers(n_types))
-            type_b = type_a if label else int((type_a + rng.integers(1, n_types)) % n_types)
-            feats[first] += signal * directions[type_a]
-            feats[second] += signal * directions[type_b]
+            type_a, type_b = _pair_types(rng, n_types, label)
+            for type_, (lo, hi) in ((type_a, (0, n // 4)), (type_b, (3 * n // 4, n))):
+                size = max(1, int(round(rng.uniform(*region) * n)))
+                start = int(rng.integers(lo, max(lo + 1, hi - size)))
+                feats[start : start + size] += signal * directions[type_]
             row["label"] = label
         else:
             count = n_markers if (label or task == "survival") else 0
