@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="float32",
         help="dtype of the residual stream between blocks (model.set_residual_dtype)",
     )
+    p.add_argument(
+        "--patches-on-host", action="store_true",
+        help="keep the uint8 patches in pinned host memory (copied over chunk by chunk)",
+    )  # fmt: skip
     p.add_argument("--patch-chunk", type=int, default=65536, help="patches embedded at a time")
     p.add_argument("--mlp-chunk", type=int, default=262144, help="tokens per MLP chunk")
     p.add_argument("--attn-backend", default="auto")
@@ -68,10 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(args):
+def build(args, **model_kwargs):
+    """The model (train mode, checkpointing per args) and its AdamW; model_kwargs go to timm."""
     model = timm.create_model(
         args.model, num_classes=2, patch_chunk_size=args.patch_chunk,
-        mlp_chunk_size=args.mlp_chunk, attn_backend=args.attn_backend,
+        mlp_chunk_size=args.mlp_chunk, attn_backend=args.attn_backend, **model_kwargs,
     ).to(args.device)  # fmt: skip
     model.train()
     model.set_grad_checkpointing(not args.no_checkpointing)
@@ -82,25 +87,40 @@ def build(args):
     return model, opt
 
 
-def make_inputs(n: int, device: str):
-    """uint8 patches (1, n, 3, 32, 32), (x, y) positions on a square grid, a label."""
+def make_inputs(n: int, device: str, patches_on_host: bool = False):
+    """uint8 patches (1, n, 3, 32, 32), (x, y) positions on a square grid, a label.
+
+    patches_on_host: leave the patches in (pinned) host memory; the model copies them
+    to the device chunk by chunk.
+    """
     side = math.isqrt(n - 1) + 1
     gen = torch.Generator(device=device).manual_seed(n)
     patches = torch.randint(0, 256, (1, n, 3, 32, 32), dtype=torch.uint8, device=device,
                             generator=gen)  # fmt: skip
+    if patches_on_host and patches.device.type != "cpu":
+        patches = patches.cpu().pin_memory()
     idx = torch.arange(n, device=device)
     positions = torch.stack([idx % side, idx // side], dim=-1).unsqueeze(0)
     label = torch.tensor([1], device=device)
     return patches, positions, (side, side), label
 
 
-def train_step(model, opt, inputs, dtype, device):
+def train_step(model, opt, inputs, dtype, device, on_phase=None):
+    """One forward + backward + AdamW step; returns the loss.
+
+    on_phase: called with "forward", "backward", "optimizer" as each phase starts
+    (the memory profiler, tools/profile_memory.py, attributes allocations so).
+    """
+    phase = on_phase or (lambda name: None)
     patches, positions, grid, label = inputs
+    phase("forward")
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
                         enabled=dtype != torch.float32):  # fmt: skip
         logits = model.forward_patches(patches, positions, grid_size=grid)
     loss = F.cross_entropy(logits.float(), label)
+    phase("backward")
     loss.backward()
+    phase("optimizer")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
@@ -129,7 +149,7 @@ def measure(model, opt, n, steps, args, dtype, offload) -> dict:
     row = dict(tokens=n, offload=offload, ok=False)
     cuda = args.device.startswith("cuda")
     try:
-        inputs = make_inputs(n, args.device)
+        inputs = make_inputs(n, args.device, args.patches_on_host)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

@@ -31,6 +31,8 @@ class Block(nn.Module):
         segment_lengths, dilation_rates: the dilated-attention branches ("auto":
             derived from each input's token count).
         sub_ln: LongNet sub-LayerNorm in attention and MLP (LongViT uses it).
+        norm_layer: every norm of the block (each feeds a Linear); default
+            ``LinearInputNorm`` (nn.LayerNorm's values, no float32 copies under autocast).
         proj_drop, attn_drop, drop_path: dropout rates.
         init_values: LayerScale initial value; None disables LayerScale.
         mlp_chunk_size: run the MLP over at most this many tokens at a time, each
@@ -53,13 +55,14 @@ class Block(nn.Module):
         init_values: float | None = None,
         drop_path: float = 0.0,
         act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        norm_layer: Callable[..., nn.Module] | None = None,
         attn_layer: Callable[..., nn.Module] = MultiheadDilatedAttention,
         mlp_layer: Callable[..., nn.Module] = Mlp,
         mlp_chunk_size: int | None = None,
         attn_backend: str = "auto",
     ):
         super().__init__()
+        norm_layer = norm_layer or LinearInputNorm
         self.norm1 = norm_layer(dim)
         self.attn = attn_layer(
             dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
@@ -91,8 +94,8 @@ class Block(nn.Module):
             return self.mlp(x)
         recompute = torch.is_grad_enabled() and x.requires_grad
         parts = []
-        for start in range(0, x.shape[1], chunk):
-            piece = x[:, start : start + chunk]
+        # split, not slicing: the backward of a slice fills a zero (B, N, C) gradient per chunk
+        for piece in x.split(chunk, dim=1):
             if recompute:  # keep only the chunk's input; its hidden activations are recomputed
                 parts.append(checkpoint(self.mlp, piece, use_reentrant=False))
             else:
@@ -110,7 +113,10 @@ class PatchEmbed(nn.Module):
       run ``chunk_size`` patches at a time. uint8 patches (0-255) are scaled to
       [0, 1] and normalised with ``mean`` / ``std`` inside each chunk, and with
       gradients enabled each chunk is recomputed in the backward, so no float copy
-      of all N patches ever exists.
+      of all N patches ever exists. The patches may stay on the host (best pinned):
+      each chunk is copied to the weights' device when it is embedded, in the
+      forward and again in the backward's recompute, so the device never holds
+      all N (3 KB per 32 x 32 RGB uint8 patch).
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class PatchEmbed(nn.Module):
     def _embed_chunk(self, piece: torch.Tensor) -> torch.Tensor:
         b, n = piece.shape[:2]
         weight = self.proj.weight
+        piece = piece.to(weight.device, non_blocking=True)  # patches may wait on the host
         x = piece.reshape(b * n, -1)
         if not piece.dtype.is_floating_point:
             x = self._normalise_uint8(x, weight)
@@ -200,6 +207,71 @@ class PatchEmbed(nn.Module):
         x = x.view(x.shape[0], c, -1).to(torch.float32) / 255.0
         x = (x - mean[:, None]) / std[:, None]
         return x.reshape(x.shape[0], -1)
+
+
+class LinearInputNorm(nn.LayerNorm):
+    """A LayerNorm whose output feeds a Linear: under autocast it keeps nothing in float32.
+
+    Under autocast (CUDA's policy) F.layer_norm runs in float32: it casts its
+    (B, N, C) bf16 input to a float32 copy, which it saves for the backward
+    (4 bytes per element), and returns float32, which the next Linear casts back
+    to bf16. This norm does the same float32 arithmetic (the same
+    ``native_layer_norm`` kernel on the same float32 values) but saves its input
+    as it came (2 bytes per element; a block's input is saved anyway) with the
+    float32 mean and rstd (B, N, 1), recreates the float32 copy in the backward,
+    and returns the autocast dtype. For a consumer that casts to the autocast
+    dtype, a Linear, the values and the gradients are identical to nn.LayerNorm
+    under autocast; a norm whose output is used otherwise (pooled, added) must stay
+    an nn.LayerNorm. Without autocast it is nn.LayerNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if not autocast or self.weight is None:  # ("meta" has no autocast)
+            return super().forward(x)
+        out_dtype = torch.get_autocast_dtype(device)
+        if not out_dtype.is_floating_point or x.dtype not in (out_dtype, torch.float32):
+            return super().forward(x)
+        return _LayerNormToAutocast.apply(
+            x, self.weight, self.bias, self.normalized_shape, self.eps, out_dtype
+        )
+
+
+class _LayerNormToAutocast(torch.autograd.Function):
+    """F.layer_norm in float32 on x, output in out_dtype; saves x as it is (see LinearInputNorm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape, eps, out_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            out, mean, rstd = torch.ops.aten.native_layer_norm(
+                x.float(), normalized_shape, weight.float(), _float(bias), eps
+            )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.normalized_shape = normalized_shape
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        ]
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+                grad_out.float(), x.float(), ctx.normalized_shape, mean, rstd,
+                weight.float(), _float(bias), mask,
+            )  # fmt: skip
+        dx = None if dx is None else dx.to(x.dtype)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dx, dw, db, None, None, None
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -194,7 +194,9 @@ class LongViT(DilatedEncoder):
 
         Args:
             patches: (B, N, C, p, p), float (normalised) or uint8 (0-255, normalised
-                here with the model's mean/std, chunk by chunk).
+                here with the model's mean/std, chunk by chunk). They may lie on the
+                host (pinned) while the model is on a GPU: each chunk of
+                ``patch_chunk_size`` is copied over when embedded.
             positions: (B, N, 2) integer (x, y) = (column, row) patch-grid positions.
             padding_mask: (B, N) bool, True = padding (samples with fewer patches).
             grid_size: see ``pos_embed_at``.
