@@ -16,6 +16,7 @@ Usage (from tests: ``from slide_factory import write_slide``)::
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 BACKGROUND = np.array([242, 242, 240], np.float32)
 TISSUE = np.array([205, 120, 175], np.float32)
@@ -74,6 +76,31 @@ def render(spec: SlideSpec, x: int, y: int, w: int, h: int, downsample: float = 
     return image
 
 
+def jpeg_encoder() -> str:
+    """Which library writes JPEG tiles: tifffile encodes JPEG only through imagecodecs; without
+    it (the GPU machine's image) Pillow's libjpeg-turbo encoder is registered with tifffile."""
+    try:
+        import imagecodecs  # noqa: F401
+
+        return "imagecodecs"
+    except ImportError:
+        tifffile.TIFF.COMPRESSORS._codecs[7] = _pillow_jpeg_encode  # tifffile's codec table
+        return "pillow"
+
+
+def _pillow_jpeg_encode(data, level=None, colorspace=None, outcolorspace=None, subsampling=None,
+                        **unused) -> bytes:  # fmt: skip
+    """imagecodecs.jpeg_encode's call as tifffile makes it (RGB in, YCbCr out), done by Pillow."""
+    if (colorspace, outcolorspace) not in (("RGB", "YCBCR"), (None, None)):
+        raise NotImplementedError(f"JPEG {colorspace} -> {outcolorspace} needs imagecodecs")
+    factors = {(1, 1): 0, (2, 1): 1, (2, 2): 2}[tuple(subsampling or (2, 2))]  # 4:4:4/4:2:2/4:2:0
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(data).reshape(data.shape[-3:])).save(
+        buffer, format="JPEG", quality=level or 75, subsampling=factors
+    )
+    return buffer.getvalue()
+
+
 def _tiles(spec: SlideSpec, downsample: int, tile: int) -> Iterator[np.ndarray]:
     lw, lh = -(-spec.width // downsample), -(-spec.height // downsample)
     for ty in range(0, lh, tile):
@@ -122,6 +149,7 @@ def write_slide(
         raise ValueError(f"mpp_style must be 'aperio' or 'tiff', got {mpp_style!r}")
     options = {"compression": compression} if compression else {}
     if compression == "jpeg":
+        jpeg_encoder()
         options["compressionargs"] = {"level": quality}
     bigtiff = width * height * 3 * 1.4 > 2**31
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as writer:

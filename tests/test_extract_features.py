@@ -26,7 +26,7 @@ from longvit.extract import (
     extract_features,
     read_features_h5,
 )
-from longvit.extract.dataset import SlideJob
+from longvit.extract.dataset import SlideJob, WorkerRunSampler, collate_slide_tiles
 from longvit.extract.lightning import shard_jobs
 from longvit.slides import Slide, TileSettings, read_tiles_h5, tile_slide
 
@@ -253,3 +253,41 @@ def test_two_processes_write_each_slide_once(tiled, vit_weights, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.h5", "corrupt.h5"]
     assert read_features_h5(out / "a.h5").features.shape == (48, 192)
     assert read_features_h5(out / "corrupt.h5").features_attrs["failed_tiles"] == 16
+
+
+SAMPLER_CASES = [(0, 4, 3, 2), (1, 4, 3, 2), (100, 7, 3, 2), (96, 8, 3, 4), (50, 8, 1, 4),
+                 (1000, 16, 15, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize("n_items, batch_size, workers, run", SAMPLER_CASES)
+def test_worker_run_sampler_keeps_batches_whole(n_items, batch_size, workers, run):
+    sampler = WorkerRunSampler(n_items, batch_size, workers, run)
+    order = list(sampler)
+    assert sorted(order) == list(range(n_items)) and len(sampler) == n_items
+    batches = [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
+    for batch in batches:  # every batch is a whole file-order batch
+        assert batch == list(range(batch[0], batch[0] + len(batch)))
+        assert batch[0] % batch_size == 0
+    if n_items % batch_size:
+        assert batches[-1][0] == n_items - n_items % batch_size  # the short one comes last
+    whole = n_items // batch_size
+    for w in range(workers):  # what DataLoader worker w gets: consecutive batches per window
+        mine = [b[0] // batch_size for b in batches[w::workers] if len(b) == batch_size]
+        for window in range(0, whole, run * workers):
+            inside = [b for b in mine if window <= b < window + run * workers]
+            assert inside == list(range(inside[0], inside[0] + len(inside))) if inside else True
+    if workers == 1:
+        assert order == list(range(n_items))
+
+
+def test_collate_builds_the_batch_in_shared_memory_in_workers():
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(3)]
+    items = [{"image": im, "slide": 0, "index": i, "ok": i != 1, "reason": "bad" * (i == 1)}
+             for i, im in enumerate(images)]  # fmt: skip
+    batch = collate_slide_tiles(items)
+    np.testing.assert_array_equal(batch["images"].numpy(), np.stack([images[0], images[2]]))
+    assert batch["failed"] == [(0, 1, "bad")] and batch["index"].tolist() == [0, 2]
+    loader = torch.utils.data.DataLoader(items, batch_size=3, num_workers=1,
+                                         collate_fn=collate_slide_tiles)  # fmt: skip
+    (batch,) = list(loader)
+    np.testing.assert_array_equal(batch["images"].numpy(), np.stack([images[0], images[2]]))

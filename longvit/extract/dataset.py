@@ -6,10 +6,15 @@ it was cut from and its tile count. ``MultiSlideTileDataset`` lays the jobs' til
 worker builds the first time it needs that slide (at most ``open_slides`` stay open per worker,
 so thousands of slides never exhaust file handles). A tile that cannot be decoded, or a slide
 that cannot be opened, comes back as a failed item with its reason instead of an exception.
+
+``WorkerRunSampler`` orders the batches so that each DataLoader worker reads runs of
+neighbouring tiles (its decoded-tile cache then serves the TIFF tiles two rows of tiles share),
+and ``collate_slide_tiles`` assembles a batch straight into shared memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from longvit.slides.errors import SlideError
 from longvit.slides.streaming import TileDataset
@@ -107,16 +112,64 @@ class MultiSlideTileDataset(Dataset):
         }
 
 
+class WorkerRunSampler(Sampler[int]):
+    """Dataset indices in file order, with the batches rearranged for ``workers`` workers.
+
+    A DataLoader hands batch j to worker j % workers; read in file order, each worker would get
+    every workers-th batch (a couple of rows of a slide's tiles) and start cold on each. Here
+    the batches are taken ``run`` x ``workers`` at a time and dealt so that each worker gets
+    ``run`` consecutive ones, so it reads ``run`` x ``batch_size`` neighbouring tiles in a row.
+    Every index appears once; batches (of ``batch_size`` consecutive indices, the last one
+    possibly shorter and still last) stay whole; results arrive at most ``run`` x ``workers``
+    batches away from file order, which bounds the slides being assembled at once.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, workers: int, run: int = 4):
+        self.n_items, self.batch_size = int(n_items), max(1, int(batch_size))
+        self.workers, self.run = max(1, int(workers)), max(1, int(run))
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def batch_order(self) -> list[int]:
+        """Positions (in file order) of the batches, in the order they are handed out."""
+        n_batches = -(-self.n_items // self.batch_size)
+        whole = n_batches - (self.n_items % self.batch_size != 0)  # a short last batch stays last
+        order: list[int] = []
+        window = self.run * self.workers
+        for start in range(0, whole, window):
+            m = min(window, whole - start)
+            per_worker = -(-m // self.workers)
+            for r in range(per_worker):
+                for w in range(self.workers):
+                    if w * per_worker + r < m:
+                        order.append(start + w * per_worker + r)
+        return order + list(range(whole, n_batches))
+
+    def __iter__(self):
+        for b in self.batch_order():
+            yield from range(b * self.batch_size, min(self.n_items, (b + 1) * self.batch_size))
+
+
 def collate_slide_tiles(items: list[dict]) -> dict:
     """A batch: the tiles that were read, and the ones that were not.
 
     Returns ``{"images": (n, H, W, 3) uint8 tensor, "slide": (n,) int64 numpy, "index": (n,)
     int64 numpy, "failed": [(slide, index, reason), ...]}``; n may be 0. Metadata stays numpy
-    so Lightning's device transfer moves only the pixels.
+    so Lightning's device transfer moves only the pixels. In a DataLoader worker the images are
+    written straight into shared memory (no second copy when the batch is sent).
     """
     kept = [item for item in items if item["ok"]]
     if kept:
-        images = torch.from_numpy(np.stack([item["image"] for item in kept]))
+        shape = (len(kept), *kept[0]["image"].shape)
+        if get_worker_info() is not None:  # allocated in shared memory, as default_collate does
+            storage = torch.UntypedStorage._new_shared(math.prod(shape))
+            images = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            images = torch.empty(shape, dtype=torch.uint8)
+        out = images.numpy()
+        for i, item in enumerate(kept):
+            out[i] = item["image"]
     else:
         images = torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
     return {

@@ -25,7 +25,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from longvit.extract.dataset import MultiSlideTileDataset, SlideJob, collate_slide_tiles
+from longvit.extract.dataset import (
+    MultiSlideTileDataset,
+    SlideJob,
+    WorkerRunSampler,
+    collate_slide_tiles,
+)
 from longvit.extract.job import ExtractRun, SlideAssembler, plan_extraction
 from longvit.extract.model import TileEncoder
 from longvit.slides.io import remove_stale_temporaries
@@ -82,10 +87,12 @@ class TileFeatureModule(L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         cuda = self.trainer.strategy.root_device.type == "cuda"
+        dataset = MultiSlideTileDataset(self.shard)
         return DataLoader(
-            MultiSlideTileDataset(self.shard),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            # each worker reads runs of neighbouring tiles (see WorkerRunSampler)
+            sampler=WorkerRunSampler(len(dataset), self.batch_size, self.workers),
             num_workers=self.workers,
             collate_fn=collate_slide_tiles,
             pin_memory=cuda,
