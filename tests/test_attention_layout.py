@@ -40,7 +40,7 @@ def test_gathered_size_is_tokens_over_rate():
 def test_partial_head_group():
     x = torch.randn(1, 40, 10, 2)  # H = 10, r = 4: G = 3, heads 9 alone at offset 3
     lay = BranchLayout.of(40, 10, 20, 4)
-    assert (lay.group, lay.full_groups, lay.tail_heads) == (3, 3, 1)
+    assert lay.group == 3 and lay.runs == ((0, 0, 3, 3), (3, 9, 1, 1))
     g = gather(x, lay)  # (B * S, m, H, D)
     torch.testing.assert_close(g[1, 2, 9], x[0, 20 + 2 * 4 + 3, 9])
     torch.testing.assert_close(g[0, 4, 4], x[0, 4 * 4 + 1, 4])

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longvit.attention import dilated_attention, shard_sequence
+import longvit.attention.module as attention_module
+from longvit.attention import MultiheadDilatedAttention, dilated_attention, shard_sequence
 
 N, H, D = 64, 6, 4
 # with 4 ranks (16 tokens each): 8 is local, 32 spans two ranks, 64 spans all four;
@@ -39,6 +40,19 @@ def _inputs(masked):
     return q, k, v, mask, grad
 
 
+LAYER_CHUNKS = [(0, 2), (2, 3), (3, 6)]
+
+
+def _layer_inputs():
+    torch.manual_seed(11)
+    layer = MultiheadDilatedAttention(24, H, SEGMENTS, RATES, causal=True).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, N, 24, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, N, generator=g) < 0.2
+    grad = torch.randn(2, N, 24, generator=g, dtype=torch.float64)
+    return layer, x, mask, grad
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -55,6 +69,14 @@ def _worker(rank, world, port, out_dir):
         )  # fmt: skip
         out.backward(shards[3])
         results[name] = [t.detach() for t in (out, ql.grad, kl.grad, vl.grad)]
+    # the layer, its projection and attention run in uneven head chunks
+    attention_module.head_chunks = lambda *a: LAYER_CHUNKS
+    layer, x, mask, grad = _layer_inputs()
+    xs, grad_s, mask_s = (shard_sequence(t, dist.group.WORLD)[0] for t in (x, grad, mask))
+    xs.requires_grad_()
+    out = layer(xs, key_padding_mask=mask_s, sp_group=dist.group.WORLD)
+    out.backward(grad_s)
+    results["layer"] = [out.detach(), xs.grad]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -73,8 +95,8 @@ def sharded_results(request):
         mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
         per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     return {
-        name: [torch.cat([rank[name][i] for rank in per_rank], dim=1) for i in range(4)]
-        for name in CASES
+        name: [torch.cat([rank[name][i] for rank in per_rank], dim=1) for i in range(len(got))]
+        for name, got in per_rank[0].items()
     }
 
 
@@ -89,6 +111,16 @@ def test_sequence_parallel_equals_single_process(sharded_results, name):
     got = sharded_results[name]
     for label, a, b in zip(("out", "dq", "dk", "dv"), got, (out, q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12, msg=label)
+
+
+def test_chunked_layer_sequence_parallel_equals_single_process(sharded_results):
+    layer, x, mask, grad = _layer_inputs()
+    x.requires_grad_()
+    out = layer(x, key_padding_mask=mask)  # one process, all heads at once
+    out.backward(grad)
+    got_out, got_dx = sharded_results["layer"]
+    torch.testing.assert_close(got_out, out.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_dx, x.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_segment_for_shards_raises():

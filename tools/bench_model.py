@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="autocast dtype (default: bfloat16 on cuda, float32 on cpu, whose bf16 is emulated)",
     )  # fmt: skip
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument(
+        "--keep-attention", action="store_true",
+        help="checkpointing keeps each block's attention output (the recompute skips attention)",
+    )  # fmt: skip
     p.add_argument("--offload", action="store_true", help="activation offload from the start")
     p.add_argument(
         "--residual-dtype",
@@ -79,7 +83,7 @@ def build(args, **model_kwargs):
         mlp_chunk_size=args.mlp_chunk, attn_backend=args.attn_backend, **model_kwargs,
     ).to(args.device)  # fmt: skip
     model.train()
-    model.set_grad_checkpointing(not args.no_checkpointing)
+    model.set_grad_checkpointing(not args.no_checkpointing, keep_attention=args.keep_attention)
     if args.residual_dtype != "float32":
         model.set_residual_dtype(getattr(torch, args.residual_dtype))
     fused = args.device.startswith("cuda")
@@ -278,6 +282,7 @@ def main(argv=None) -> int:
         python=sys.version.split()[0],
         dtype=args.dtype,
         gradient_checkpointing=not args.no_checkpointing,
+        keep_attention=args.keep_attention,
         patch_chunk=args.patch_chunk,
         mlp_chunk=args.mlp_chunk,
         attn_backend=args.attn_backend,

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     manifest = make_feature_cohort(
         workdir, n_slides=args.slides, tiles=(args.min_tiles, args.max_tiles), dim=args.dim,
-        task="pair", n_types=4, signal=args.signal, region=tuple(args.region), splits=(0.7, 0.1, 0.2), seed=args.seed,
+        task="pair", n_types=4, signal=args.signal, region=tuple(args.region),
+        splits=(0.7, 0.1, 0.2), seed=args.seed,
     )  # fmt: skip
     n_median = median_tiles(manifest)
     local_segment = segment_schedule(n_median)[0]

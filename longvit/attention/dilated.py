@@ -46,6 +46,13 @@ class _Plan:
     scale: float
     backend: Backend
     sp: Any = None  # a SequenceParallel when q, k, v are one process's shard
+    # q, k, v may hold heads head_start.. of total_heads (None: all of them)
+    head_start: int = 0
+    total_heads: int | None = None
+
+    def layout(self, num_tokens: int, num_heads: int, w: int, r: int) -> BranchLayout:
+        """The branch layout of (w, r) for tensors of num_tokens tokens and num_heads heads."""
+        return BranchLayout.of(num_tokens, num_heads, w, r, self.head_start, self.total_heads)
 
 
 def dilated_attention(
@@ -90,12 +97,41 @@ def dilated_attention(
         qkv = q
         q, k, v = qkv.unbind(2)
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    plan = make_plan(
+        q.shape[1], q.shape[-1], q.device, q.dtype, segment_lengths, dilation_rates,
+        causal=causal, dropout_p=dropout_p, scale=scale, backend=backend, sp_group=sp_group,
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+    )  # fmt: skip
+    key_valid = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
+    if packed:
+        return _DilatedAttention.apply(qkv, None, None, key_valid, plan)
+    return _DilatedAttention.apply(q, k, v, key_valid, plan)
+
+
+def make_plan(
+    n_local: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    segment_lengths: Sequence[int] | str,
+    dilation_rates: Sequence[int],
+    *,
+    causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    backend: str,
+    sp_group: Any,
+    needs_grad: bool,
+    total_heads: int | None = None,
+) -> _Plan:
+    """The checked branches, kernel and sequence-parallel view for tensors (B, n_local, H, D)
+    of this dtype and device (``total_heads``: the layer's heads, when they hold a chunk)."""
     sp = None
     if sp_group is not None:
         from longvit.attention.sequence_parallel import SequenceParallel
 
-        sp = SequenceParallel(sp_group, q.shape[1])
-    n = q.shape[1] if sp is None else sp.n_global
+        sp = SequenceParallel(sp_group, n_local)
+    n = n_local if sp is None else sp.n_global
     if isinstance(segment_lengths, str):
         if segment_lengths != "auto":
             raise ValueError(f"segment_lengths must be a list or 'auto', got {segment_lengths!r}")
@@ -105,25 +141,15 @@ def dilated_attention(
     check_schedule(segment_lengths, dilation_rates)
     if sp is not None:
         sp.check_branches(segment_lengths, dilation_rates)
-    plan = _Plan(
+    return _Plan(
         branches=tuple(zip(segment_lengths, dilation_rates)),
         causal=bool(causal),
         dropout_p=float(dropout_p),
-        scale=default_scale(q.shape[-1], scale),
-        backend=resolve_backend(
-            backend,
-            q.device,
-            q.dtype,
-            q.shape[-1],
-            dropout_p,
-            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        ),
+        scale=default_scale(head_dim, scale),
+        backend=resolve_backend(backend, device, dtype, head_dim, dropout_p, needs_grad=needs_grad),
         sp=sp,
+        total_heads=total_heads,
     )
-    key_valid = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
-    if packed:
-        return _DilatedAttention.apply(qkv, None, None, key_valid, plan)
-    return _DilatedAttention.apply(q, k, v, key_valid, plan)
 
 
 def dilated_attention_packed(
@@ -169,24 +195,27 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p) -> None:
         )
     if q.shape[1] == 0:
         raise ValueError("q, k and v must hold at least one token (N >= 1)")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != tuple(
-            q.shape[:2]
-        ):
-            got = getattr(key_padding_mask, "shape", type(key_padding_mask))
-            raise ValueError(
-                f"key_padding_mask must have shape (B, N) = {tuple(q.shape[:2])} with True for "
-                f"padding, got {tuple(got) if isinstance(got, torch.Size) else got}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise ValueError(
-                "key_padding_mask must be a bool tensor (True = padding), "
-                f"got {key_padding_mask.dtype}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    check_key_padding_mask(key_padding_mask, tuple(q.shape[:2]), q.device)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_key_padding_mask(key_padding_mask, shape: tuple[int, int], device) -> None:
+    """ValueError unless key_padding_mask is None or a (B, N) = shape bool tensor on device."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != shape:
+        got = getattr(key_padding_mask, "shape", type(key_padding_mask))
+        raise ValueError(
+            f"key_padding_mask must have shape (B, N) = {shape} with True for "
+            f"padding, got {tuple(got) if isinstance(got, torch.Size) else got}"
+        )
+    if key_padding_mask.dtype != torch.bool:
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}"
+        )
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, expected {device}")
 
 
 # ----------------------------------------------------------------------- branches
@@ -306,7 +335,7 @@ def _forward(q, k, v, key_valid, plan: _Plan):
     states: list = []
     for index, (w, r) in enumerate(branches):
         if _is_local(plan, w):
-            lay = BranchLayout.of(n, h, w, r)
+            lay = plan.layout(n, h, w, r)
             copy = index == 0 and first_copies
             states.append(_local_forward(q, k, v, key_valid, lay, plan, acc, acc_lse, copy))
         else:
@@ -384,7 +413,7 @@ def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
     lse_b = backward_lse(lse)
     for index, ((w, r), branch_states) in enumerate(zip(branches, states)):
         if _is_local(plan, w):
-            lay = BranchLayout.of(n, h, w, r)
+            lay = plan.layout(n, h, w, r)
             copy = index == 0 and first_copies
             _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, branch_states,
                             grads, copy)  # fmt: skip

@@ -23,9 +23,13 @@ class BranchLayout:
 
     w: segment length actually used (min(w_i, N)); num_segments = ceil(N / w);
     padded_length: w rounded up to a multiple of r; m = padded_length / r, the
-    tokens per (segment, head) that the kernel sees; group: heads per offset;
-    full_groups: groups with all `group` heads; tail_heads: heads in the last,
-    partial group (0 if H is a multiple of group).
+    tokens per (segment, head) that the kernel sees; group: G, heads per offset.
+
+    The tensors may hold a slice of the heads (a layer working head chunk by head
+    chunk): num_heads of them, the first being head ``head_start`` of ``total_heads``
+    (G and the offsets come from the total). ``runs`` cuts the held heads into runs
+    that share a layout: (offset of the run's first group, first held head,
+    groups, heads per group), i.e. a partial group, the whole groups, a partial group.
     """
 
     num_tokens: int
@@ -36,15 +40,25 @@ class BranchLayout:
     padded_length: int
     m: int
     group: int
-    full_groups: int
-    tail_heads: int
+    runs: tuple[tuple[int, int, int, int], ...]
 
     @classmethod
-    def of(cls, num_tokens: int, num_heads: int, segment_length: int, dilation_rate: int):
+    def of(
+        cls,
+        num_tokens: int,
+        num_heads: int,
+        segment_length: int,
+        dilation_rate: int,
+        head_start: int = 0,
+        total_heads: int | None = None,
+    ):
         w = min(segment_length, num_tokens)
         r = dilation_rate
         padded = math.ceil(w / r) * r
-        group = math.ceil(num_heads / r)
+        total = num_heads if total_heads is None else total_heads
+        if head_start < 0 or head_start + num_heads > total:
+            raise ValueError(f"heads {head_start}..{head_start + num_heads} not in 0..{total}")
+        group = math.ceil(total / r)
         return cls(
             num_tokens=num_tokens,
             num_heads=num_heads,
@@ -54,8 +68,7 @@ class BranchLayout:
             padded_length=padded,
             m=padded // r,
             group=group,
-            full_groups=num_heads // group,
-            tail_heads=num_heads - (num_heads // group) * group,
+            runs=_head_runs(head_start, num_heads, group),
         )
 
     @property
@@ -70,6 +83,22 @@ class BranchLayout:
     def kernel_batch(self) -> int:
         """Sequences per batch row that the kernel sees (one per segment)."""
         return self.num_segments
+
+
+def _head_runs(start: int, count: int, group: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Heads start..start+count-1 (global) as runs (offset, first local head, groups, G')."""
+    runs, h, end = [], start, start + count
+    if h % group and h < end:  # the end of a group the slice starts inside
+        take = min(group - h % group, end - h)
+        runs.append((h // group, h - start, 1, take))
+        h += take
+    whole = (end - h) // group
+    if whole:
+        runs.append((h // group, h - start, whole, group))
+        h += whole * group
+    if h < end:  # the start of a group the slice ends inside
+        runs.append((h // group, h - start, 1, end - h))
+    return tuple(runs)
 
 
 def to_segments(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:
@@ -109,29 +138,26 @@ def dilated_parts(xs: torch.Tensor, lay: BranchLayout) -> list[torch.Tensor]:
     """Views of the branch's positions in segment layout, built by one as_strided each.
 
     xs: (*lead, w_padded, H, X), e.g. (B, S, w_padded, H, D) or segment rows
-    (C, w_padded, H, D). Returns views of shape (*lead, m, groups, G, X): one for the
-    full head groups and, when H is not a multiple of G, one for the last partial
-    group (groups = 1). Head group o holds positions j * r + o: stepping to the next
-    group moves one position and G heads at once, so the group axis has stride
-    (position stride + G * head stride). Writing into the views writes into xs.
+    (C, w_padded, H, D), H the heads the layout holds. Returns one view per run of
+    ``lay.runs``, of shape (*lead, m, groups, G', X): head group o holds positions
+    j * r + o, so stepping to the next group moves one position and G' heads at once,
+    and the group axis has stride (position stride + G' * head stride). Writing into
+    the views writes into xs.
     """
     *lead, w_padded, h, x = xs.shape
     if w_padded != lay.padded_length or h != lay.num_heads:
         raise ValueError(f"segment tensor {tuple(xs.shape)} does not match {lay}")
     *lead_st, s_w, s_h, s_x = xs.stride()
-    r, g, nf, m = lay.dilation_rate, lay.group, lay.full_groups, lay.m
+    r, m = lay.dilation_rate, lay.m
     base = xs.storage_offset()
-    parts = [
-        xs.as_strided((*lead, m, nf, g, x), (*lead_st, r * s_w, s_w + g * s_h, s_h, s_x), base)
-    ]
-    if lay.tail_heads:
-        offset = base + nf * s_w + nf * g * s_h  # position offset nf, first head nf * G
-        parts.append(
-            xs.as_strided(
-                (*lead, m, 1, lay.tail_heads, x), (*lead_st, r * s_w, 0, s_h, s_x), offset
-            )  # fmt: skip
+    return [
+        xs.as_strided(
+            (*lead, m, groups, heads, x),
+            (*lead_st, r * s_w, s_w + heads * s_h, s_h, s_x),
+            base + offset * s_w + first * s_h,
         )
-    return parts
+        for offset, first, groups, heads in lay.runs
+    ]
 
 
 def gather(x: torch.Tensor, lay: BranchLayout, fill: float | bool = 0) -> torch.Tensor:

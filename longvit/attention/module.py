@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from longvit.attention.dilated import dilated_attention_packed
+from longvit.attention.dilated import check_key_padding_mask, make_plan
+from longvit.attention.projected import head_chunks, projected_dilated_attention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
 
 
@@ -27,6 +29,11 @@ class MultiheadDilatedAttention(nn.Module):
         causal: causal attention (decoders).
         backend: kernel choice passed to ``dilated_attention``.
         norm_layer: the norm used by sub_ln.
+
+    The q/k/v projection and the attention run together a few heads at a time
+    (``longvit.attention.projected``): q, k, v are never all materialised, and the
+    backward recomputes each chunk's from x, so one layer keeps x, the attention output
+    and its LSE, and its peak holds one chunk's q, k, v and their gradient.
     """
 
     def __init__(
@@ -67,6 +74,20 @@ class MultiheadDilatedAttention(nn.Module):
 
     # Set by a parallelize step (or pass sp_group to forward): the model never knows ranks.
     sp_group = None
+    # Set by the encoder under gradient checkpointing (``keep_attention``): a forward keeps
+    # its attention output and LSE, and the recompute in the backward reuses them.
+    keep_for_recompute = False
+
+    @property
+    def _kept(self) -> dict:
+        kept = self.__dict__.get("_kept_outputs")
+        if kept is None:
+            kept = self.__dict__["_kept_outputs"] = {}
+        return kept
+
+    def clear_kept(self) -> None:
+        """Forget attention outputs kept for a recompute (after a forward without backward)."""
+        self._kept.clear()
 
     def schedule(self, num_tokens: int) -> list[int]:
         """Segment lengths used for a sequence of num_tokens tokens."""
@@ -90,13 +111,37 @@ class MultiheadDilatedAttention(nn.Module):
         b, n, _ = x.shape
         group = sp_group if sp_group is not None else self.sp_group
         n_global = n if group is None else n * torch.distributed.get_world_size(group)
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-        out = dilated_attention_packed(
-            qkv, self.schedule(n_global), self.dilation_rates, sp_group=group,
-            causal=self.causal, key_padding_mask=key_padding_mask,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale, backend=self.backend,
+        check_key_padding_mask(key_padding_mask, (b, n), x.device)
+        dtype = _compute_dtype(x)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        plan = make_plan(
+            n, self.head_dim, x.device, dtype, self.schedule(n_global), self.dilation_rates,
+            causal=self.causal, dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale, backend=self.backend, sp_group=group,
+            needs_grad=torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, weight, bias)),
+            total_heads=self.num_heads,
         )  # fmt: skip
+        chunks = head_chunks(b, n, self.num_heads, self.head_dim, dtype.itemsize)
+        key_valid = None if key_padding_mask is None else ~key_padding_mask
+        key, kept, rng = None, None, None
+        if self.keep_for_recompute and torch.is_grad_enabled():
+            key = _fingerprint(x, key_padding_mask)
+            if torch._C._current_graph_task_id() != -1:  # a recompute inside a backward
+                kept, rng = self._kept.pop(key, (None, None))
+                key = None
+        with _autocast_off(x.device.type):  # the casts autocast would make, made here
+            out, result = projected_dilated_attention(
+                x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                key_valid, plan, chunks, kept,
+            )  # fmt: skip
+        if rng is not None:  # as if the skipped attention had drawn its dropout masks
+            _set_rng_state(x.device, rng)
+        if key is not None:  # a checkpointed forward: its recompute will find this
+            rng = _get_rng_state(x.device) if plan.dropout_p > 0 else None
+            self._kept[key] = (result, rng)
+            while len(self._kept) > _MAX_KEPT:
+                self._kept.pop(next(iter(self._kept)))
         out = self.inner_norm(out.reshape(b, n, self.dim))
         return self.proj_drop(self.proj(out))
 
@@ -105,3 +150,53 @@ class MultiheadDilatedAttention(nn.Module):
             f"dim={self.dim}, num_heads={self.num_heads}, segment_lengths={self.segment_lengths}, "
             f"dilation_rates={self.dilation_rates}, causal={self.causal}, backend={self.backend!r}"
         )
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear on x computes in: autocast's when it is on, else x's."""
+    if _autocast_on(x.device.type) and x.dtype.is_floating_point:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _autocast_off(device_type: str):
+    if _autocast_on(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# Kept outputs per layer waiting for their recompute (more means forwards without backward).
+_MAX_KEPT = 2
+
+
+def _fingerprint(x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+    """Identifies a layer input (a recompute repeats it bit for bit): shape, dtype and
+    weighted sums of up to 4,096 evenly spaced elements and of the mask."""
+    flat = x.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].double()
+    weights = torch.arange(1, sample.numel() + 1, device=x.device, dtype=torch.float64)
+    parts = [(sample * weights).sum(), sample.sum()]
+    if mask is not None:
+        m = mask.reshape(-1).double()
+        parts.append((m * torch.arange(1, m.numel() + 1, device=m.device, dtype=m.dtype)).sum())
+    values = torch.stack(parts).tolist()
+    return (tuple(x.shape), x.dtype, x.device, *values)
+
+
+def _get_rng_state(device: torch.device) -> tuple:
+    """The generators attention dropout may draw from: the CPU one (the math backend's seed)
+    and, on CUDA, the device's (the fused kernels' Philox offsets)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

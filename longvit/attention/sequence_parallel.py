@@ -26,7 +26,6 @@ from longvit.attention.dilated import (
     keys_from_valid,
     merge_kernel_output,
 )
-from longvit.attention.layout import BranchLayout
 
 _SUBGROUPS: dict[tuple, object] = {}
 # Bytes this process sent plus received in sequence-parallel attention (benchmarks read it).
@@ -125,7 +124,7 @@ class SequenceParallel:
 
     def branch_forward(self, q, k, v, key_valid, w, r, plan, acc, acc_lse):
         heads = q.shape[2]
-        lay = BranchLayout.of(self.n_local, heads, self.n_local, r)  # the shard as one segment
+        lay = plan.layout(self.n_local, heads, self.n_local, r)  # the shard as one segment
         group, kk, index = self.segment_group(w)
         qb = self._local_inputs(q, lay)
         k_all = self.all_gather_seq(self._local_inputs(k, lay), group, kk)
@@ -146,7 +145,7 @@ class SequenceParallel:
 
     def branch_backward(self, dout, q, k, v, out, lse_b, key_valid, w, r, plan, saved, grads):
         heads = q.shape[2]
-        lay = BranchLayout.of(self.n_local, heads, self.n_local, r)
+        lay = plan.layout(self.n_local, heads, self.n_local, r)
         group, kk, index = self.segment_group(w)
         qb, outb, doutb = (self._local_inputs(t, lay) for t in (q, out, dout))
         lse_k = _kernel_input(_rows(lse_b, lay, fill=NO_KEY_LSE), lay).squeeze(-1).contiguous()

@@ -169,6 +169,10 @@ class DilatedEncoder(nn.Module):
         return x, padding_mask
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
+        for blk in blocks:  # outputs kept by a forward whose backward never came
+            attn = getattr(blk, "attn", None)
+            if getattr(attn, "keep_for_recompute", False):
+                attn.clear_kept()
         if (
             self.residual_dtype is not None
             and x.dtype != self.residual_dtype
@@ -278,9 +282,21 @@ class DilatedEncoder(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward (and chunk the patch embedding)."""
+    def set_grad_checkpointing(self, enable: bool = True, keep_attention: bool = False) -> None:
+        """Recompute each block in the backward (and chunk the patch embedding).
+
+        keep_attention: each block's forward keeps its attention output and LSE (N x C
+        in the compute dtype plus N x H float32 per block: 1.55 KB per token for
+        longvit_base in bf16) so that the recompute skips the attention, the costliest part
+        of a block at long N; the recompute checks that it sees the same input before
+        reusing them. Not with activation offload (its reentrant checkpoint recomputes
+        anyway).
+        """
         self.grad_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, MultiheadDilatedAttention):
+                module.keep_for_recompute = bool(enable and keep_attention)
+                module.clear_kept()
 
     @torch.jit.ignore
     def set_sequence_parallel(self, group) -> None:
