@@ -119,3 +119,39 @@ def test_layer_peak_memory_does_not_grow_with_dilation():
                            [2**i for i in range(10)])  # fmt: skip
     assert large < 1.1 * small, (large / 2**30, small / 2**30)
     assert small < 14 * token_bytes, small / token_bytes
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "auto"])
+def test_head_chunked_layer_on_gpu_matches_reference(monkeypatch, backend):
+    """The layer's head-chunked projection + attention (uneven chunks, partial head groups)
+    under bf16 autocast against projection + the float64 reference, values and gradients."""
+    import longvit.attention.module as module
+    from longvit.attention import MultiheadDilatedAttention
+
+    if not _usable(backend, torch.bfloat16, 64):
+        pytest.skip(f"{backend} unavailable")
+    monkeypatch.setattr(module, "head_chunks", lambda *a: [(0, 5), (5, 7), (7, 12)])
+    torch.manual_seed(0)
+    dim, heads, ws, rs = 768, 12, [128, 512, 2048], [1, 8, 16]
+    layer = MultiheadDilatedAttention(dim, heads, ws, rs, backend=backend).cuda()
+    ref_layer = MultiheadDilatedAttention(dim, heads, ws, rs).cuda().double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3000, dim, device="cuda", dtype=torch.float64)
+    mask = torch.zeros(2, 3000, dtype=torch.bool, device="cuda")
+    mask[1, 2000:] = True
+    grad = torch.randn(2, 3000, dim, device="cuda", dtype=torch.float64)
+
+    xr = x.clone().requires_grad_()
+    b, n, c = x.shape
+    q, k, v = ref_layer.qkv(xr).view(b, n, 3, heads, c // heads).unbind(2)
+    ref = ref_layer.proj(
+        dilated_attention_reference(q, k, v, ws, rs, key_padding_mask=mask).reshape(b, n, c)
+    )
+    (want,) = torch.autograd.grad(ref, xr, grad)
+
+    xl = x.float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(xl, key_padding_mask=mask)
+    (got,) = torch.autograd.grad(out.float(), xl, grad.float())
+    assert _rel(out, ref) < 1e-2
+    assert _rel(got, want) < 1e-2

@@ -100,6 +100,7 @@ def test_head_chunks_bound_the_chunk_size():
     # 1M tokens, 12 heads of 64, bf16: 4.5 GiB of q, k, v -> 6 chunks of 2 heads (768 MiB each)
     assert head_chunks(1, 2**20, 12, 64, 2) == [(i, i + 2) for i in range(0, 12, 2)]
     assert head_chunks(1, 4096, 12, 64, 2) == [(0, 12)]  # short sequences: one chunk
+    assert head_chunks(1, 2**18, 12, 64, 2) == [(0, 12)]  # 1.1 GiB: still one
     chunks = head_chunks(4, 2**20, 10, 64, 4)
     assert chunks[0][0] == 0 and chunks[-1][1] == 10
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))

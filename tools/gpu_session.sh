@@ -1,11 +1,50 @@
 #!/usr/bin/env bash
-# One GPU-machine session: correctness tests on the fused kernels, then the benchmark.
-# Usage (on the GPU machine, from the repo root): bash tools/gpu_session.sh [pytest paths...]
+# GPU-machine runs in stages, so one session's 30 minutes of device time go into a few calls.
+# Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
+#   bash tools/gpu_session.sh tests attention model      # about 8 minutes
+#   bash tools/gpu_session.sh extract slide_task         # about 9 minutes (carry .whl)
+# Stages: tests, attention, model, model_4m, extract, slide_task. Results go to $OUT
+# (the device tool's output folder) or bench_results/.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-bench_results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
-python -m pytest -q -p no:cacheprovider -x ${@:-tests/test_attention_gpu.py} 2>&1 | tail -40
-python tools/bench_attention.py --out "$OUT/attention.json"
+
+wheels() {  # openslide from the carried wheels (the GPU image has none)
+    if ! python -c "import openslide" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests attention model)
+for stage in "${stages[@]}"; do
+    echo "=== $stage ($(date -u +%H:%M:%S) UTC)"
+    case $stage in
+    tests)
+        python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
+            tests/test_models_norm.py tests/test_models_keep_attention.py 2>&1 | tail -15 ;;
+    attention)
+        python tools/bench_attention.py --iters 3 --out "$OUT/attention.json" ;;
+    model)
+        python tools/bench_model.py --tokens 65536 262144 1048576 --steps 2 --no-find-max \
+            --out "$OUT/model.json" 2>&1 | grep -v Warning
+        python tools/bench_model.py --tokens 1048576 --steps 2 --no-find-max --keep-attention \
+            --out "$OUT/model_keep.json" 2>&1 | grep -v Warning ;;
+    model_4m)
+        python tools/bench_model.py --tokens 4194304 --steps 1 --no-find-max --offload \
+            --patches-on-host --mlp-chunk 65536 --out "$OUT/model_4m.json" 2>&1 | grep -v Warning ;;
+    extract)
+        wheels
+        python tools/bench_extract.py --slides 8 --slide-size 16384 --repeats 2 \
+            --out "$OUT/extract.json" 2>&1 | grep -v "it/s" | tail -25 ;;
+    slide_task)
+        wheels
+        python tools/bench_slide_task.py --out "$OUT/slide_task.json" 2>&1 \
+            | grep -E "^\{|held-out|cohort" ;;
+    *) echo "unknown stage $stage" >&2 ;;
+    esac
+done

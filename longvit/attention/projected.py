@@ -28,14 +28,18 @@ from longvit.attention.backends import accumulator_dtype
 from longvit.attention.dilated import _backward, _forward, _Plan
 
 # Bytes of one chunk's q, k, v together (B x N x 3 x heads x D): the backward holds them and
-# their gradient, the forward them and a float32 accumulator.
+# their gradient, the forward them and a float32 accumulator. Layers whose whole q, k, v fit
+# in ONE_CHUNK_BYTES run in one chunk (fewer, larger kernel calls where memory is no issue).
 CHUNK_BYTES = 768 * 2**20
+ONE_CHUNK_BYTES = 2 * 2**30
 
 
 def head_chunks(batch: int, tokens: int, heads: int, head_dim: int, itemsize: int):
     """[(h0, h1), ...]: equal runs of heads whose q, k, v take at most CHUNK_BYTES (one
-    chunk of all heads for short sequences)."""
+    chunk of all heads when they all take at most ONE_CHUNK_BYTES)."""
     per_head = batch * tokens * 3 * head_dim * itemsize
+    if per_head * heads <= ONE_CHUNK_BYTES:
+        return [(0, heads)]
     count = min(heads, max(1, math.ceil(per_head * heads / CHUNK_BYTES)))
     size = math.ceil(heads / count)
     return [(h0, min(h0 + size, heads)) for h0 in range(0, heads, size)]
