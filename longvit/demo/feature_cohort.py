@@ -104,6 +104,8 @@ def make_feature_cohort(
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     directions = rng.normal(0, 1, (max(n_types, 1) + 1, dim)).astype(np.float32)
+    if len(directions) <= dim:  # orthonormal marker directions: types do not overlap
+        directions = np.linalg.qr(directions.T)[0].T.astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     n_train = int(round(splits[0] * n_slides))
     n_val = int(round(splits[1] * n_slides))
