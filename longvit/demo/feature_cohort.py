@@ -12,7 +12,8 @@ Each slide is an irregular blob of tiles on a grid; every tile's feature is Gaus
   the two regions are partners. Every slide has the same amount of marker signal and both
   classes use every type equally, and partner pairs are not linearly separable from the
   summed tile features, so no single tile, no window and no sum of tiles decides it: a
-  model must relate two distant regions.
+  model must relate two distant regions. The files record ``marker_types`` and
+  ``marker_spans`` ([start, stop) tile indices) as attributes of ``coords``.
 - ``task="survival"``: 0 to 2 * n_markers marker tiles; the survival time is
   10 / (1 + count) times a factor in [0.8, 1.25]; 30% are censored at a random earlier time.
   Gives ``time`` and ``event`` instead of a label.
@@ -116,12 +117,16 @@ def make_feature_cohort(
         feats = rng.normal(0, 1, (n, dim)).astype(np.float32)
         label = i % 2
         row = {"slide_id": f"slide_{i:03d}", "features": f"features/slide_{i:03d}.h5"}
+        truth = {}  # where the signal is, stored with the file (e.g. to score heatmaps)
         if task == "pair":
             type_a, type_b = _pair_types(rng, n_types, label)
+            spans = []
             for type_, (lo, hi) in ((type_a, (0, n // 4)), (type_b, (3 * n // 4, n))):
                 size = max(1, int(round(rng.uniform(*region) * n)))
                 start = int(rng.integers(lo, max(lo + 1, hi - size)))
                 feats[start : start + size] += signal * directions[type_]
+                spans.append((start, start + size))
+            truth = {"marker_types": [type_a, type_b], "marker_spans": np.array(spans)}
             row["label"] = label
         else:
             count = n_markers if (label or task == "survival") else 0
@@ -137,7 +142,7 @@ def make_feature_cohort(
             else:
                 row["label"] = label
         row["split"] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-        write_feature_file(out / row["features"], feats, cells * TILE_SIZE_LEVEL0)
+        write_feature_file(out / row["features"], feats, cells * TILE_SIZE_LEVEL0, **truth)
         rows.append(row)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
