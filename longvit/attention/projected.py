@@ -93,9 +93,13 @@ def _project(x, w, b, hc):
 
 
 def _attend(x, weight, bias, key_valid, plan: _Plan, chunks) -> Kept:
-    """The forward, chunk by chunk."""
+    """The forward, chunk by chunk (one chunk: its results are the output, no copy)."""
     bsz, n, c = x.shape
     heads = plan.total_heads
+    if len(chunks) == 1:
+        q, k, v = _project(x, weight, bias, heads)
+        out, lse, states = _forward(q, k, v, key_valid, plan)
+        return Kept(out, lse, [states])
     out = x.new_empty(bsz, n, heads, c // heads)
     lse = torch.empty(bsz, n, heads, dtype=accumulator_dtype(x.dtype), device=x.device)
     states = []
@@ -130,7 +134,7 @@ class _ProjectedAttention(torch.autograd.Function):
         heads = ctx.plan.total_heads
         dout = dout.contiguous()
         x2 = x.reshape(bsz * n, c)
-        dx = torch.zeros_like(x) if need_x else None
+        dx = None  # allocated after the first chunk's q, k, v are freed
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty_like(bias) if need_b and bias is not None else None
         for (h0, h1), states in zip(ctx.chunks, ctx.states):
@@ -145,11 +149,12 @@ class _ProjectedAttention(torch.autograd.Function):
             )  # fmt: skip
             del q, k, v
             g = dqkv.view(bsz * n, -1)  # (B N, 3 hc D)
-            if dx is not None:
-                dx.view(bsz * n, c).addmm_(g, w)
+            if need_x:
+                dx = torch.mm(g, w) if dx is None else dx.addmm_(g, w)
             if dw is not None:
                 dw.view(3, heads, -1, c)[:, h0:h1] = (g.t() @ x2).view(3, hc, -1, c)
             if db is not None:
                 db.view(3, heads, -1)[:, h0:h1] = g.sum(0).view(3, hc, -1)
             del dqkv, g
+        dx = None if dx is None else dx.view(bsz, n, c)
         return dx, dw, db, None, None, None, None, None
