@@ -87,3 +87,14 @@ def test_recompute_of_an_unknown_input_computes(attention_calls):
     before = len(attention_calls)
     loss.backward()
     assert len(attention_calls) == before + 3
+
+
+def test_lightning_module_option():
+    from longvit.training import SlideClassifier
+
+    model_kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    kw = dict(model_name="longvit_slide_small", num_classes=2, model_kwargs=model_kwargs)
+    module = SlideClassifier(grad_checkpointing=True, keep_attention=True, **kw)
+    assert all(blk.attn.keep_for_recompute for blk in module.model.blocks)
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        SlideClassifier(keep_attention=True, **kw)

@@ -33,6 +33,9 @@ class SlideModule(pl.LightningModule):
         warmup_fraction: share of the optimizer steps spent in linear warmup.
         min_lr_ratio: final lr / peak lr of the cosine decay.
         grad_checkpointing: recompute each block in the backward (less memory).
+        keep_attention: with grad_checkpointing, keep each block's attention output for the
+            recompute, which then skips the attention (faster at long N; N x C values more
+            per block, see docs/attention.md).
     """
 
     def __init__(
@@ -47,11 +50,15 @@ class SlideModule(pl.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         grad_checkpointing: bool = False,
+        keep_attention: bool = False,
     ):
         super().__init__()
         self.model = create_network(model_name, model_kwargs, pretrained_file, num_classes)
+        if keep_attention and not grad_checkpointing:
+            raise ValueError("keep_attention=True needs grad_checkpointing=True (it speeds up "
+                             "the checkpoint's recompute); set both or neither")  # fmt: skip
         if grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            self.model.set_grad_checkpointing(True, keep_attention=keep_attention)
         self.lr, self.weight_decay, self.layer_decay = lr, weight_decay, layer_decay
         self.warmup_fraction, self.min_lr_ratio = warmup_fraction, min_lr_ratio
         build_optimizer(self.model, lr, weight_decay, layer_decay)  # validate the values now
