@@ -15,7 +15,7 @@ CONFIGS = {
     "H12 r8 r16": (48, 12, [16, 32, 64], [1, 8, 16]),
     "H10 r4": (40, 10, [20, 40], [1, 4]),
 }
-# chunkings of the heads (as fractions of H, cut points rounded): whole, one head each, uneven
+# chunkings of the heads: all at once, one head each, three uneven chunks
 CHUNKINGS = {
     "one chunk": lambda h: [(0, h)],
     "single heads": lambda h: [(i, i + 1) for i in range(h)],

@@ -11,6 +11,7 @@ from torch import nn
 from longvit.attention.dilated import check_key_padding_mask, make_plan
 from longvit.attention.projected import head_chunks, projected_dilated_attention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
+from longvit.autocast import autocast_dtype
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -71,19 +72,13 @@ class MultiheadDilatedAttention(nn.Module):
         self.inner_norm = norm_layer(dim) if sub_ln else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._kept: dict = {}  # input fingerprint -> (Kept, RNG state) awaiting a recompute
 
     # Set by a parallelize step (or pass sp_group to forward): the model never knows ranks.
     sp_group = None
     # Set by the encoder under gradient checkpointing (``keep_attention``): a forward keeps
     # its attention output and LSE, and the recompute in the backward reuses them.
     keep_for_recompute = False
-
-    @property
-    def _kept(self) -> dict:
-        kept = self.__dict__.get("_kept_outputs")
-        if kept is None:
-            kept = self.__dict__["_kept_outputs"] = {}
-        return kept
 
     def clear_kept(self) -> None:
         """Forget attention outputs kept for a recompute (after a forward without backward)."""
@@ -152,19 +147,14 @@ class MultiheadDilatedAttention(nn.Module):
         )
 
 
-def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a Linear on x computes in: autocast's when it is on, else x's."""
-    if _autocast_on(x.device.type) and x.dtype.is_floating_point:
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    dtype = autocast_dtype(x.device.type)
+    return dtype if dtype is not None and x.dtype.is_floating_point else x.dtype
 
 
 def _autocast_off(device_type: str):
-    if _autocast_on(device_type):
+    if autocast_dtype(device_type) is not None:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

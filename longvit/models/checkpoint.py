@@ -100,3 +100,19 @@ def _resample_table(pos: torch.Tensor, target: torch.Tensor, model: nn.Module) -
     new = tuple(getattr(model, "pos_grid", None) or (math.isqrt(target.shape[1]),) * 2)
     _logger.info("Resampling pos_embed from grid %s to %s", old, new)
     return resample_pos_embed(pos.to(target.dtype), old, new)
+
+
+def build_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
+    """timm's build_model_with_cfg for a longvit class: weights through
+    ``checkpoint_filter_fn``, feature maps by ``forward_intermediates`` (out_indices)."""
+    from timm.models import build_model_with_cfg
+
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
+from longvit.autocast import autocast_dtype
 
 
 class Block(nn.Module):
@@ -226,11 +227,9 @@ class LinearInputNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        if not autocast or self.weight is None:  # ("meta" has no autocast)
+        out_dtype = autocast_dtype(x.device.type)
+        if out_dtype is None or self.weight is None:
             return super().forward(x)
-        out_dtype = torch.get_autocast_dtype(device)
         if not out_dtype.is_floating_point or x.dtype not in (out_dtype, torch.float32):
             return super().forward(x)
         return _LayerNormToAutocast.apply(
@@ -276,6 +275,5 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear will run in: autocast's when it is on, else the weight's."""
-    if torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
+    dtype = autocast_dtype(weight.device.type)
+    return weight.dtype if dtype is None else dtype

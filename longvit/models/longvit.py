@@ -24,10 +24,10 @@ from collections.abc import Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from longvit.models.checkpoint import checkpoint_filter_fn
+from longvit.models.checkpoint import build_model
 from longvit.models.encoder import DilatedEncoder, factory_device
 from longvit.models.layers import PatchEmbed
 from longvit.models.pos_embed import grid_positions, resample_pos_embed, sample_pos_embed
@@ -340,15 +340,7 @@ def _sample_grid(grid_size, sel: torch.Tensor, i: int, batch: int) -> tuple[int,
 
 # ------------------------------------------------------------ registration
 def _create_longvit(variant: str, pretrained: bool = False, **kwargs) -> LongViT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LongViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_model(LongViT, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from longvit.models.checkpoint import checkpoint_filter_fn
+from longvit.models.checkpoint import build_model
 from longvit.models.encoder import DilatedEncoder, factory_device
 from longvit.models.pos_embed import grid_positions, sincos_2d
 
@@ -187,15 +187,7 @@ def _check_mask(padding_mask, b: int, n: int) -> None:
 
 # ------------------------------------------------------------ registration
 def _create_slide_encoder(variant: str, pretrained: bool = False, **kwargs):
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LongViTSlideEncoder,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_model(LongViTSlideEncoder, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
