@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 9 minutes (carry .whl)
-# Stages: tests, attention, model, model_4m, extract, slide_task. Results go to $OUT
+# Stages: tests, attention, model, model_4m, probe, extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -25,6 +25,7 @@ for stage in "${stages[@]}"; do
     echo "=== $stage ($(date -u +%H:%M:%S) UTC)"
     case $stage in
     tests)
+        wheels
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
             tests/test_models_norm.py tests/test_models_keep_attention.py 2>&1 | tail -15 ;;
     attention)
@@ -37,6 +38,8 @@ for stage in "${stages[@]}"; do
     model_4m)
         python tools/bench_model.py --tokens 4194304 --steps 1 --no-find-max --offload \
             --patches-on-host --mlp-chunk 65536 --out "$OUT/model_4m.json" 2>&1 | grep -v Warning ;;
+    probe)
+        python tools/probe_kernels.py step kernels --tokens 1048576 --keep-attention ;;
     extract)
         wheels
         python tools/bench_extract.py --slides 8 --slide-size 16384 --repeats 2 \

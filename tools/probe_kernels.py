@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Where does GPU time go? Two probes for one GPU session, printed as tables.
+
+1. ``kernels``: the fused attention kernels longvit can call (cuDNN, PyTorch's flash, and the
+   flash implementations torch lists, e.g. 'FA3', activated one after another), timed forward
+   and forward+backward at ~1M tokens in total (12 heads x 64, bf16) as (B', H, L, D) batches
+   of segments of length L, with the out/LSE difference to cuDNN.
+2. ``step``: torch.profiler over one longvit_base training step (``tools/bench_model.py``'s),
+   CUDA time per kernel family, top rows.
+
+    PYTHONPATH=. python tools/probe_kernels.py kernels step --tokens 1048576 --keep-attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _time(fn, iters=5):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def probe_kernels(total_tokens: int, lengths: list[int]) -> None:
+    from longvit.attention.backends import BACKENDS
+
+    impls = []
+    try:
+        from torch.nn import attention as nna
+
+        impls = list(nna.list_flash_attention_impls())
+        current = nna.current_flash_attention_impl()
+        print("flash attention impls listed:", impls, "current:", current)
+    except Exception as e:  # noqa: BLE001  (older torch)
+        print("no flash impl registry:", type(e).__name__, e)
+    heads, dim = 12, 64
+    print(f"{'kernel':>12} {'L':>7} {'fwd s':>9} {'TF/s':>6} {'fwd+bwd s':>10} {'TF/s':>6} "
+          f"{'|out-cudnn|':>11} {'|lse-cudnn|':>11}")  # fmt: skip
+    refs = {}
+    variants = [("cudnn", None), ("flash", None)] + [("flash", i) for i in impls]
+    for name, impl in variants:
+        label = impl or name
+        if impl is not None:
+            try:
+                nna.activate_flash_attention_impl(impl)
+            except Exception as e:  # noqa: BLE001
+                print(f"{label:>12} cannot activate: {type(e).__name__}: {str(e)[:200]}")
+                continue
+        b = BACKENDS[name]
+        for length in lengths:
+            try:
+                t_f, t_fb, out, lse, flops = _measure(b, total_tokens, length, heads, dim)
+            except Exception as e:  # noqa: BLE001
+                print(f"{label:>12} {length:>7} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if name == "cudnn":
+                refs[length] = (out, lse)
+                d_out = d_lse = 0.0
+            else:
+                ro, rl = refs[length]
+                d_out = (out - ro).abs().max().item()
+                d_lse = (lse - rl).abs().max().item()
+            print(
+                f"{label:>12} {length:>7} {t_f:>9.4f} {flops / t_f / 1e12:>6.0f} {t_fb:>10.4f} "
+                f"{3.5 * flops / t_fb / 1e12:>6.0f} {d_out:>11.2e} {d_lse:>11.2e}",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+
+
+def _measure(b, total_tokens, length, heads, dim):
+    """(fwd s, fwd+bwd s, out float, lse float, fwd FLOPs) of backend b on random inputs."""
+    scale = dim**-0.5
+    bp = max(1, total_tokens // length)
+    gen = torch.Generator("cuda").manual_seed(length)
+    q, k, v = (
+        torch.randn(bp, heads, length, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(3)
+    )
+    out, lse, _ = b.forward(q, k, v, None, False, 0.0, scale)
+    dout = torch.randn_like(out)
+    t_f = _time(lambda: b.forward(q, k, v, None, False, 0.0, scale))
+
+    def fwd_bwd():
+        o, s, st = b.forward(q, k, v, None, False, 0.0, scale)
+        b.backward(dout, q, k, v, o, s, None, False, 0.0, scale, st)
+
+    t_fb = _time(fwd_bwd)
+    return t_f, t_fb, out.float(), lse.float(), 4 * bp * heads * length * length * dim
+
+
+def probe_step(tokens: int, keep_attention: bool, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from tools import bench_model
+
+    args = bench_model.parse_args(["--tokens", str(tokens)])
+    args.keep_attention = keep_attention
+    model, opt = bench_model.build(args)
+    inputs = bench_model.make_inputs(tokens, "cuda")
+    bench_model.train_step(model, opt, inputs, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        bench_model.train_step(model, opt, inputs, torch.bfloat16, "cuda")
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    print(f"profiled step: {tokens:,} tokens, keep_attention={keep_attention}, {wall:.3f} s "
+          "(profiler on)")  # fmt: skip
+    events = prof.key_averages()
+    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"total self CUDA time {total:.3f} s")
+    print(f"{'self CUDA s':>11} {'calls':>7}  name")
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+        print(f"{e.self_device_time_total / 1e6:>11.3f} {e.count:>7}  {e.key[:110]}")
+    del rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("probes", nargs="+", choices=["kernels", "step"])
+    p.add_argument("--tokens", type=int, default=2**20)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
+    p.add_argument("--keep-attention", action="store_true")
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args(argv)
+    if "step" in args.probes:  # first: activating a flash impl is for the whole process
+        probe_step(args.tokens, args.keep_attention, args.top)
+        torch.cuda.empty_cache()
+    if "kernels" in args.probes:
+        probe_kernels(args.tokens, args.lengths)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
