@@ -48,6 +48,8 @@ import torch  # noqa: E402
 from slide_factory import jpeg_encoder, write_slide  # noqa: E402
 
 from longvit.extract import build_tile_encoder, extract_features, read_features_h5  # noqa: E402
+from longvit.extract.job import find_tile_files, plan_extraction  # noqa: E402
+from longvit.extract.lightning import tile_loader  # noqa: E402
 from longvit.slides import Slide, TileSettings, tile_slide  # noqa: E402
 
 
@@ -121,6 +123,28 @@ def model_only(encoder, args, device: torch.device) -> dict:
     return {"tiles_per_s": statistics.median(rates), "runs": rates}
 
 
+def loader_only(encoder, tiles: Path, workdir: Path, args) -> dict:
+    """Tiles/s of the extractor's DataLoader alone (workers decode and collate, the batch is
+    copied to the device; no model), counted from the first batch to the last: the ceiling the
+    CPU side sets."""
+    device = torch.device(args.device)
+    jobs, _ = plan_extraction(find_tile_files([tiles]), workdir / "none", encoder.identity())
+    rates = []
+    for _ in range(args.repeats):
+        loader = tile_loader(jobs, args.batch_size, args.workers, device.type == "cuda")
+        start, count = None, 0
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            if start is None:
+                start = time.perf_counter()
+            else:
+                count += len(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(count / (time.perf_counter() - start) if count else 0.0)
+    return {"tiles_per_s": statistics.median(rates), "runs": rates}
+
+
 def end_to_end(encoder, tiles: Path, workdir: Path, args, n_tiles: int) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     steady, wall = [], []
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = cpus - 1 if args.workers is None else args.workers
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     compression = args.compression
-    encoder = jpeg_encoder() if compression == "jpeg" else "zlib (stdlib)"
+    compressed_by = jpeg_encoder() if compression == "jpeg" else "zlib (stdlib)"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         tiles, n_tiles, write_seconds = prepare(workdir, args, compression)
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = build_tile_encoder(args.model, random_init=True, precision=precision,
                                      model_kwargs=args.model_kwargs)  # fmt: skip
         alone = model_only(encoder, args, torch.device(args.device))
+        loader = loader_only(encoder, tiles, workdir, args)
         e2e = end_to_end(encoder, tiles, workdir, args, n_tiles)
     finally:
         if args.workdir is None:
@@ -202,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         "slides": args.slides,
         "slide_size": args.slide_size,
         "compression": compression,
-        "compressed_by": encoder,
+        "compressed_by": compressed_by,
         "direct_tiff_reads": direct,
         "tiles": n_tiles,
         "slide_write_seconds": round(write_seconds, 1),
         "batch_size": args.batch_size,
         "workers": args.workers,
         "model_only": alone,
+        "loader_only": loader,
         "end_to_end": e2e,
         "steady_over_model_only": ratio,
         "wall_over_model_only": e2e["wall_tiles_per_s"] / alone["tiles_per_s"],
@@ -230,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['machine']['device']}")  # fmt: skip
     print("| measure | tiles/s | vs model only |\n|---|---|---|")
     print(f"| model only (on-device tensors) | {alone['tiles_per_s']:,.0f} | 1.00 |")
+    rate = loader["tiles_per_s"]
+    print(f"| loader only (decode -> batch on the device, no model) | {rate:,.0f} | "
+          f"{rate / alone['tiles_per_s']:.2f} |")  # fmt: skip
     print(f"| end to end, steady | {e2e['steady_tiles_per_s']:,.0f} | {ratio:.2f} |")
     print(f"| end to end, wall (start-up included) | {e2e['wall_tiles_per_s']:,.0f} | "
           f"{result['wall_over_model_only']:.2f} |")  # fmt: skip

@@ -52,6 +52,25 @@ def shard_jobs(jobs: Sequence[SlideJob], rank: int, world_size: int) -> list[Sli
     return [job for i, job in enumerate(jobs) if owner[i] == rank]
 
 
+def tile_loader(
+    jobs: Sequence[SlideJob], batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """The extractor's DataLoader over these slides' tiles: uint8 batches
+    (``collate_slide_tiles``), each worker reading runs of neighbouring tiles
+    (``WorkerRunSampler``)."""
+    dataset = MultiSlideTileDataset(jobs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=WorkerRunSampler(len(dataset), batch_size, workers),
+        num_workers=workers,
+        collate_fn=collate_slide_tiles,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
 class TileFeatureModule(L.LightningModule):
     """Predict-only module: a batch of uint8 tiles in, their features out.
 
@@ -87,18 +106,7 @@ class TileFeatureModule(L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         cuda = self.trainer.strategy.root_device.type == "cuda"
-        dataset = MultiSlideTileDataset(self.shard)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            # each worker reads runs of neighbouring tiles (see WorkerRunSampler)
-            sampler=WorkerRunSampler(len(dataset), self.batch_size, self.workers),
-            num_workers=self.workers,
-            collate_fn=collate_slide_tiles,
-            pin_memory=cuda,
-            prefetch_factor=4 if self.workers else None,
-            persistent_workers=False,
-        )
+        return tile_loader(self.shard, self.batch_size, self.workers, pin_memory=cuda)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         images = batch["images"]
