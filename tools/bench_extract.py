@@ -123,7 +123,7 @@ def model_only(encoder, args, device: torch.device) -> dict:
     return {"tiles_per_s": statistics.median(rates), "runs": rates}
 
 
-def loader_only(encoder, tiles: Path, workdir: Path, args) -> dict:
+def loader_only(encoder, tiles: Path, workdir: Path, args, workers: int) -> dict:
     """Tiles/s of the extractor's DataLoader alone (workers decode and collate, the batch is
     copied to the device; no model), counted from the first batch to the last: the ceiling the
     CPU side sets."""
@@ -131,7 +131,7 @@ def loader_only(encoder, tiles: Path, workdir: Path, args) -> dict:
     jobs, _ = plan_extraction(find_tile_files([tiles]), workdir / "none", encoder.identity())
     rates = []
     for _ in range(args.repeats):
-        loader = tile_loader(jobs, args.batch_size, args.workers, device.type == "cuda")
+        loader = tile_loader(jobs, args.batch_size, workers, device.type == "cuda")
         start, count = None, 0
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)
@@ -145,7 +145,7 @@ def loader_only(encoder, tiles: Path, workdir: Path, args) -> dict:
     return {"tiles_per_s": statistics.median(rates), "runs": rates}
 
 
-def end_to_end(encoder, tiles: Path, workdir: Path, args, n_tiles: int) -> dict:
+def end_to_end(encoder, tiles: Path, workdir: Path, args, n_tiles: int, workers: int) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     steady, wall = [], []
     for attempt in range(args.repeats + 1):  # the first run warms the page cache
@@ -153,7 +153,7 @@ def end_to_end(encoder, tiles: Path, workdir: Path, args, n_tiles: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         run = extract_features(tiles, out, encoder, batch_size=args.batch_size,
-                               workers=args.workers, accelerator=accelerator,
+                               workers=workers, accelerator=accelerator,
                                progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         if run.failed or sum(r.tiles for r in run.results) != n_tiles:
@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slide-size", type=int, default=24000, help="level-0 pixels per side")
     p.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="default: CPUs - 1")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=None,
+        help="DataLoader workers; several values: one row each (default: CPUs - 1)",
+    )  # fmt: skip
     p.add_argument("--model-batches", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
@@ -195,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.model_kwargs = "vit_tiny_patch16_224", {"img_size": 64}
         args.tile_size, args.slides, args.slide_size = 64, 2, 1024
         args.batch_size, args.model_batches, args.repeats = 16, 3, 1
-        args.workers = 1 if args.workers is None else args.workers
+        args.workers = [1] if args.workers is None else args.workers
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: use --device cpu")
     cpus = len(os.sched_getaffinity(0))
-    args.workers = cpus - 1 if args.workers is None else args.workers
+    args.workers = [cpus - 1] if args.workers is None else args.workers
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     compression = args.compression
     compressed_by = jpeg_encoder() if compression == "jpeg" else "zlib (stdlib)"
@@ -210,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         encoder = build_tile_encoder(args.model, random_init=True, precision=precision,
                                      model_kwargs=args.model_kwargs)  # fmt: skip
         alone = model_only(encoder, args, torch.device(args.device))
-        loader = loader_only(encoder, tiles, workdir, args)
-        e2e = end_to_end(encoder, tiles, workdir, args, n_tiles)
+        rows = []
+        for workers in args.workers:
+            loader = loader_only(encoder, tiles, workdir, args, workers)
+            e2e = end_to_end(encoder, tiles, workdir, args, n_tiles, workers)
+            rows.append({"workers": workers, "loader_only": loader, "end_to_end": e2e})
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    ratio = e2e["steady_tiles_per_s"] / alone["tiles_per_s"]
+    model_rate = alone["tiles_per_s"]
+    for row in rows:
+        row["steady_over_model_only"] = row["end_to_end"]["steady_tiles_per_s"] / model_rate
+        row["wall_over_model_only"] = row["end_to_end"]["wall_tiles_per_s"] / model_rate
+    best = max(rows, key=lambda r: r["steady_over_model_only"])
     shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").exists() else 0
     result = {
         "model": args.model,
@@ -232,12 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "tiles": n_tiles,
         "slide_write_seconds": round(write_seconds, 1),
         "batch_size": args.batch_size,
-        "workers": args.workers,
         "model_only": alone,
-        "loader_only": loader,
-        "end_to_end": e2e,
-        "steady_over_model_only": ratio,
-        "wall_over_model_only": e2e["wall_tiles_per_s"] / alone["tiles_per_s"],
+        "by_workers": rows,
+        "best_workers": best["workers"],
+        "steady_over_model_only": best["steady_over_model_only"],
+        "wall_over_model_only": best["wall_over_model_only"],
         "target": ">= 0.90 (steady end to end / model only)",
         "machine": {
             "device": torch.cuda.get_device_name()
@@ -252,16 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     how = "read directly" if direct else "read through OpenSlide"
     print(f"\n{args.model}, {precision}, {args.tile_size}-px tiles ({compression} slides, {how}), "
-          f"batch {args.batch_size}, {args.workers} workers, {n_tiles:,} tiles on "
-          f"{result['machine']['device']}")  # fmt: skip
-    print("| measure | tiles/s | vs model only |\n|---|---|---|")
-    print(f"| model only (on-device tensors) | {alone['tiles_per_s']:,.0f} | 1.00 |")
-    rate = loader["tiles_per_s"]
-    print(f"| loader only (decode -> batch on the device, no model) | {rate:,.0f} | "
-          f"{rate / alone['tiles_per_s']:.2f} |")  # fmt: skip
-    print(f"| end to end, steady | {e2e['steady_tiles_per_s']:,.0f} | {ratio:.2f} |")
-    print(f"| end to end, wall (start-up included) | {e2e['wall_tiles_per_s']:,.0f} | "
-          f"{result['wall_over_model_only']:.2f} |")  # fmt: skip
+          f"batch {args.batch_size}, {n_tiles:,} tiles on {result['machine']['device']} "
+          f"({cpus} CPUs); model only (on-device tensors): {model_rate:,.0f} tiles/s")  # fmt: skip
+    print("| workers | loader only (no model) | end to end, steady | end to end, wall |")
+    print("|---|---|---|---|")
+    for row in rows:
+        loader, e2e = row["loader_only"]["tiles_per_s"], row["end_to_end"]
+        print(f"| {row['workers']} | {loader:,.0f} ({loader / model_rate:.2f}) | "
+              f"{e2e['steady_tiles_per_s']:,.0f} ({row['steady_over_model_only']:.2f}) | "
+              f"{e2e['wall_tiles_per_s']:,.0f} ({row['wall_over_model_only']:.2f}) |")  # fmt: skip
+    print("(in brackets: over model only; target: steady end to end >= 0.90)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -42,7 +42,7 @@ for stage in "${stages[@]}"; do
         python tools/probe_kernels.py step kernels --tokens 1048576 --keep-attention ;;
     extract)
         wheels
-        python tools/bench_extract.py --slides 8 --slide-size 16384 --repeats 2 \
+        python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 13 11 \
             --out "$OUT/extract.json" 2>&1 | grep -v "it/s" | tail -25 ;;
     slide_task)
         wheels
