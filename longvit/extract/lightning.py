@@ -103,21 +103,6 @@ class TileFeatureModule(L.LightningModule):
         if self.device.type == "cuda":
             self.encoder.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-            self._copy_stream = torch.cuda.Stream(self.device)
-
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int):
-        """The pixels go to the GPU on a side stream, so the copy of batch i overlaps the model
-        on batch i - 1 (on the compute stream the copy would wait for it, and the model for the
-        copy); the compute stream waits only for this batch's copy."""
-        stream = getattr(self, "_copy_stream", None)
-        if device.type != "cuda" or stream is None:
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        compute = torch.cuda.current_stream(device)
-        with torch.cuda.stream(stream):
-            images = batch["images"].to(device, non_blocking=True)
-        compute.wait_stream(stream)
-        images.record_stream(compute)  # allocated on the side stream, used on the compute one
-        return {**batch, "images": images}
 
     def predict_dataloader(self) -> DataLoader:
         cuda = self.trainer.strategy.root_device.type == "cuda"
