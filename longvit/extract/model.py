@@ -88,7 +88,8 @@ class TilePreprocess(nn.Module):
 
     Equal to timm's evaluation transform on the same tiles up to resampling round-off (the
     resize runs on tensors with antialiasing, then rounds to whole pixel values as PIL does);
-    when no resize is needed it is the same arithmetic: x / 255, then (x - mean) / std.
+    when no resize is needed it is the same arithmetic up to float round-off: x / 255, then
+    (x - mean) / std, computed as one multiply-add.
     """
 
     def __init__(self, preprocessing: Preprocessing):
@@ -100,7 +101,7 @@ class TilePreprocess(nn.Module):
     def forward(self, tiles_BHWC: torch.Tensor) -> torch.Tensor:
         p = self.preprocessing
         # a permuted NHWC tensor is already channels_last in memory: no copy
-        x_BCHW = tiles_BHWC.permute(0, 3, 1, 2).float()
+        x_BCHW = tiles_BHWC.permute(0, 3, 1, 2)
         tile_h, tile_w = x_BCHW.shape[-2:]
         _, out_h, out_w = p.input_size
         scale_h, scale_w = p.scale_size
@@ -109,14 +110,18 @@ class TilePreprocess(nn.Module):
         if (scale_h, scale_w) != (tile_h, tile_w):
             mode = _INTERPOLATIONS[p.interpolation]
             extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-            x_BCHW = F.interpolate(x_BCHW, size=(scale_h, scale_w), mode=mode, **extra)
+            x_BCHW = F.interpolate(x_BCHW.float(), size=(scale_h, scale_w), mode=mode, **extra)
             x_BCHW = x_BCHW.clamp_(0, 255).round_()
         if (scale_h, scale_w) != (out_h, out_w):
             top = int(round((scale_h - out_h) / 2.0))  # torchvision's CenterCrop offsets
             left = int(round((scale_w - out_w) / 2.0))
             x_BCHW = x_BCHW[..., top : top + out_h, left : left + out_w]
-        x_BCHW = x_BCHW.div(255.0)
-        return ((x_BCHW - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        # (x / 255 - mean) / std as one pass: x * (1 / (255 std)) + (-mean / std), reading the
+        # uint8 (or resized float) pixels and writing float32 channels_last
+        scale = 1.0 / (255.0 * self.std)
+        shift = -self.mean / self.std
+        out = torch.addcmul(shift, x_BCHW, scale)
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class TileEncoder(nn.Module):
