@@ -30,3 +30,16 @@ def test_pair_cohort_labels_follow_the_partner_rule(tmp_path):
         types_by_label[label].update([a, b])
     # every type appears in both classes: no single region's type predicts the label
     assert set(types_by_label[0]) == set(types_by_label[1]) == {0, 1, 2, 3}
+
+
+def test_scale_multiplies_every_feature(tmp_path):
+    kwargs = dict(n_slides=4, tiles=(50, 60), dim=8, task="pair", region=(0.1, 0.2), seed=3)
+    plain = make_feature_cohort(tmp_path / "plain", **kwargs)
+    scaled = make_feature_cohort(tmp_path / "scaled", scale=10.0, **kwargs)
+    for row in csv.DictReader(plain.open()):
+        with (
+            h5py.File(plain.parent / row["features"]) as a,
+            h5py.File(scaled.parent / row["features"]) as b,
+        ):
+            np.testing.assert_allclose(b["features"][:], 10.0 * a["features"][:], rtol=1e-6)
+            np.testing.assert_array_equal(b["coords"][:], a["coords"][:])

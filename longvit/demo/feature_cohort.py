@@ -89,6 +89,7 @@ def make_feature_cohort(
     n_types: int = 4,
     signal: float = 3.0,
     region: tuple[float, float] = (0.02, 0.03),
+    scale: float = 1.0,
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
 ) -> Path:
@@ -96,7 +97,11 @@ def make_feature_cohort(
 
     Labels alternate 0 / 1 so every split is balanced; splits are assigned in order.
     ``region``: for task "pair", the range of each marker region's size as a fraction of
-    the slide's tiles (at least one tile).
+    the slide's tiles (at least one tile). ``scale`` multiplies every feature (noise and
+    marker alike, so the per-tile signal-to-noise ratio stays ``signal``): a slide encoder
+    adds a fixed sin-cos position embedding of norm sqrt(C / 2) to its projected features,
+    and with unit-variance noise under a std-0.02 projection the features are the smaller
+    part of the tokens at initialisation (see tools/slide_task_proxy.py).
     """
     if task not in ("rare", "pair", "survival"):
         raise ValueError(f"task must be 'rare', 'pair' or 'survival', got {task!r}")
@@ -142,6 +147,8 @@ def make_feature_cohort(
             else:
                 row["label"] = label
         row["split"] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        if scale != 1.0:
+            feats *= np.float32(scale)
         write_feature_file(out / row["features"], feats, cells * TILE_SIZE_LEVEL0, **truth)
         rows.append(row)
     manifest = out / "manifest.csv"
