@@ -281,9 +281,11 @@ def build_tile_encoder(
         if not path.is_file():
             raise TileEncoderError(f"{path}: no such weights file; check --weights")
         digest, source = weights_sha256(path), str(path.resolve())
-        # timm's local-file route; source="" so a name's hf-hub default source is never used
-        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
-                                            "file": source, "source": ""}  # fmt: skip
+        # timm's local-file route; source="" so a name's hf-hub default source is never used.
+        # custom_load only for JAX .npz files: tags such as vit_*.augreg set it, and timm
+        # (1.0.29, at least) then hands any file to the model's .npz loader
+        overlay = {"file": source, "source": "", "custom_load": path.suffix == ".npz"}
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
     builder_log.addHandler(report)
     previous_level = builder_log.level
     builder_log.setLevel(logging.INFO)
