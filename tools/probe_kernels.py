@@ -99,32 +99,61 @@ def _measure(b, total_tokens, length, heads, dim):
     return t_f, t_fb, out.float(), lse.float(), 4 * bp * heads * length * length * dim
 
 
-def probe_step(tokens: int, keep_attention: bool, top: int) -> None:
+def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda") -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from tools import bench_model
 
-    args = bench_model.parse_args(["--tokens", str(tokens)])
+    args = bench_model.parse_args(["--tokens", str(tokens), "--device", device])
     args.keep_attention = keep_attention
     model, opt = bench_model.build(args)
-    inputs = bench_model.make_inputs(tokens, "cuda")
-    bench_model.train_step(model, opt, inputs, torch.bfloat16, "cuda")
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    inputs = bench_model.make_inputs(tokens, device)
+    bench_model.train_step(model, opt, inputs, dtype, device)
+    bench_model.sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, with_stack=True) as prof:
         t = time.perf_counter()
-        bench_model.train_step(model, opt, inputs, torch.bfloat16, "cuda")
-        torch.cuda.synchronize()
+        bench_model.train_step(model, opt, inputs, dtype, device)
+        bench_model.sync(device)
         wall = time.perf_counter() - t
     print(f"profiled step: {tokens:,} tokens, keep_attention={keep_attention}, {wall:.3f} s "
           "(profiler on)")  # fmt: skip
     events = prof.key_averages()
-    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"total self CUDA time {total:.3f} s")
-    print(f"{'self CUDA s':>11} {'calls':>7}  name")
-    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
-        print(f"{e.self_device_time_total / 1e6:>11.3f} {e.count:>7}  {e.key[:110]}")
-    del rows
+
+    def own(e):  # the op's own device time (its kernels); CPU time on a CPU run
+        return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+
+    total = sum(own(e) for e in events) / 1e6
+    print(f"total self {device} time {total:.3f} s")
+    print(f"{'self s':>11} {'calls':>7}  name")
+    for e in sorted(events, key=own, reverse=True)[:top]:
+        print(f"{own(e) / 1e6:>11.3f} {e.count:>7}  {e.key[:110]}")
+    copies_by_site(prof.events(), device, top)
+
+
+def copies_by_site(events, device: str, top: int) -> None:
+    """Where the copies come from: time of every copy-like op, grouped by its parent ops and
+    the innermost longvit (or timm/torch.nn) source line of its Python stack."""
+    names = {"aten::copy_", "aten::clone", "aten::_to_copy", "aten::cat", "aten::contiguous"}
+    sites: dict[str, list[float]] = {}
+    for e in events:
+        if e.name not in names or (e.cpu_parent is not None and e.cpu_parent.name in names):
+            continue
+        spent = e.device_time_total if device == "cuda" else e.cpu_time_total
+        parents, p = [], e.cpu_parent
+        while p is not None and len(parents) < 2:
+            parents.append(p.name.split(": ")[-1][:40])
+            p = p.cpu_parent
+        frames = [f for f in (e.stack or []) if "longvit/" in f or "timm/" in f]
+        where = frames[0].split("longvit/")[-1][:60] if frames else "-"
+        key = f"{e.name} < {' < '.join(parents) or '-'} @ {where}"
+        sites.setdefault(key, [0.0, 0])
+        sites[key][0] += spent
+        sites[key][1] += 1
+    print(f"copies by site ({device} time):")
+    for key, (spent, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{spent / 1e6:>11.3f} {count:>7}  {key[:150]}")
 
 
 def main(argv=None) -> int:
@@ -134,10 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
     p.add_argument("--keep-attention", action="store_true")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--device", default="cuda", help="cpu: a quick check of the step probe")
     args = p.parse_args(argv)
     if "step" in args.probes:  # first: activating a flash impl is for the whole process
-        probe_step(args.tokens, args.keep_attention, args.top)
-        torch.cuda.empty_cache()
+        probe_step(args.tokens, args.keep_attention, args.top, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     return 0
