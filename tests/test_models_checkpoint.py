@@ -113,3 +113,14 @@ def test_slide_encoder_loads_local_file(tmp_path):
         "longvit_slide_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw
     ).eval()
     _same_weights(src, dst)
+
+
+def test_slide_checkpoint_of_another_feature_width_fails_loudly(tmp_path):
+    """timm must not swap the input projection for a random one (its RGB first-conv
+    adaptation): a checkpoint made for other tile features is refused, naming the layer."""
+    kw = dict(embed_dim=64, depth=1, num_heads=4)
+    path = tmp_path / "slide32.safetensors"
+    save_file(timm.create_model("longvit_slide_small", in_chans=32, **kw).state_dict(), str(path))
+    with pytest.raises(RuntimeError, match="feature_proj"):
+        timm.create_model("longvit_slide_small", in_chans=48, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)), **kw)  # fmt: skip

@@ -187,6 +187,12 @@ def _check_mask(padding_mask, b: int, n: int) -> None:
 
 # ------------------------------------------------------------ registration
 def _create_slide_encoder(variant: str, pretrained: bool = False, **kwargs):
+    if pretrained:
+        # the input projection reads tile features, not RGB: timm must not "adapt" it to
+        # in_chans (timm 1.0.29 replaced it with a random init whenever in_chans != 3); a
+        # checkpoint of another feature width then fails to load with the shapes named
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "first_conv": None}
     return build_model(LongViTSlideEncoder, variant, pretrained, **kwargs)
 
 
