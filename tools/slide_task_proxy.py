@@ -27,6 +27,19 @@ dilated model ("full") of this size did not learn it within 230-730 steps (256 o
 class token or mean pooling, 140-700 training slides); "local" stayed at chance, and with mean
 pooling followed by fc_norm (the default head) "local" learned it (held-out loss 0.34) through
 the norm of the pooled vector, so the benchmark pools a class token.
+
+Session 4 (1,024 tiles, regions 10-15%, 400 slides, scale 10, class token, batch 4, lr 3e-4):
+"full" with rates 1 2 4 (287 steps), with rates 1 2 and segments 64 + whole slide (150 steps)
+and with the registered schedule plus 15 registers (288 steps) stayed at chance, while dense
+attention, and rates 1 1 with segments 64 + whole slide, learned within 50 steps. Rates 1 2,
+segments 64 + whole slide, with ONE register after the class token (so the two prefix tokens
+take both offsets of the rate-2 branch) learned: held-out accuracy 0.64 at step 100, 0.78
+(loss 0.48) at 136:
+
+    PYTHONPATH=. python tools/slide_task_proxy.py --attention full --rates 1 2 \
+        --segments 64 0 --registers 1 --pool token --scale 10 --slides 400 --tiles 1024 1024 \
+        --region 0.1 0.15 --signal 4 --lr 3e-4 --batch 4 --warmup 20 --eval-every 50 \
+        --steps 300 --seconds 330
 """
 
 from __future__ import annotations
