@@ -38,6 +38,10 @@ class DilatedEncoder(nn.Module):
             or "" (no pooling; the head then applies per token).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
         class_token: prepend a learned class token.
+        reg_tokens: learned "register" tokens after the class token (timm's ViT option; 0: none).
+            Under dilated attention each leading token takes part in the whole-slide branch for
+            one head-group offset only; a register at position 1 covers the next offset, so
+            the prefix sees more of the sequence. Not with sequence parallelism.
         fc_norm: norm after pooling instead of before it; None: when pooling is
             "avg"/"max" (LongViT: mean pool, then norm, then head).
         sub_ln: LongNet sub-LayerNorm in each block.
@@ -63,6 +67,7 @@ class DilatedEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         class_token: bool = False,
+        reg_tokens: int = 0,
         fc_norm: bool | None = None,
         sub_ln: bool = True,
         segment_lengths: Sequence[int] | str = "auto",
@@ -81,6 +86,8 @@ class DilatedEncoder(nn.Module):
     ):
         super().__init__()
         _check_pool(global_pool, class_token)
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         # inside the blocks every norm feeds a Linear: LinearInputNorm keeps no float32
         # copy under autocast (same values); the final norms feed pooling and stay float32
         block_norm_layer = norm_layer or partial(LinearInputNorm, eps=1e-6)
@@ -91,7 +98,8 @@ class DilatedEncoder(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = int(reg_tokens)
+        self.num_prefix_tokens = (1 if class_token else 0) + self.num_reg_tokens
         self.has_class_token = class_token
         self.grad_checkpointing = False
         self.activation_offload = False
@@ -99,6 +107,7 @@ class DilatedEncoder(nn.Module):
         self.sp_group = None  # set_sequence_parallel
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.Sequential(
@@ -137,6 +146,8 @@ class DilatedEncoder(nn.Module):
         """timm's ViT init: truncated normal (std .02) linears, tiny class token."""
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(_init_linear)
 
     # --------------------------------------------------------------- trunk
@@ -145,7 +156,7 @@ class DilatedEncoder(nn.Module):
     ) -> torch.Tensor:
         """Tokens with positions added (B, N, C) -> normalised tokens (B, P + N, C).
 
-        P is num_prefix_tokens (the class token). padding_mask: (B, N) bool, True =
+        P is num_prefix_tokens (class token, then registers). padding_mask: (B, N) bool, True =
         padding; padded tokens are never attended to, so they do not change the
         valid tokens' outputs.
         """
@@ -154,10 +165,16 @@ class DilatedEncoder(nn.Module):
         return self.norm(x)
 
     def _prefix(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
-        if self.cls_token is None:
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        if not prefix:
             return x, padding_mask
         b = x.shape[0]
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        x = torch.cat([t.expand(b, -1, -1).to(x.dtype) for t in prefix] + [x], dim=1)
+        if self.reg_token is not None:  # set_sequence_parallel refuses registers
+            if padding_mask is not None:
+                slots = padding_mask.new_zeros((b, self.num_prefix_tokens))
+                padding_mask = torch.cat([slots, padding_mask], dim=1)
+            return x, padding_mask
         # with sequence parallelism only rank 0's slot is the class token; the other ranks'
         # slots keep the shards equal and are padding (never a key, never pooled)
         pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
@@ -271,13 +288,13 @@ class DilatedEncoder(nn.Module):
     # -------------------------------------------------------------- timm api
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise LR decay: stem, one group per block, then norm/head."""
         return dict(
-            stem=r"^cls_token|pos_embed|patch_embed|feature_proj",
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|feature_proj",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
@@ -318,6 +335,11 @@ class DilatedEncoder(nn.Module):
         one process computes for the data [shard 0, pad, shard 1, ...] with those pads
         masked (shard_batch(prefix_tokens=1) lays the shards out so).
         """
+        if group is not None and self.num_reg_tokens:
+            raise ValueError(
+                "sequence parallelism keeps one prefix slot per shard (the class token); "
+                f"this model has reg_tokens={self.num_reg_tokens}: create it with reg_tokens=0"
+            )
         if group is not None and self.global_pool not in ("avg", "token"):
             raise ValueError(
                 "sequence parallelism pools with global_pool='avg' or 'token', got "

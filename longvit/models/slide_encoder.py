@@ -57,7 +57,7 @@ class LongViTSlideEncoder(DilatedEncoder):
             self.to(dtype)
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token"}
+        return {"cls_token", "reg_token"}
 
     # ---------------------------------------------------------------- inputs
     def _to_sequence(self, x, coords, padding_mask):
@@ -116,7 +116,7 @@ class LongViTSlideEncoder(DilatedEncoder):
         coords: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tile features -> tokens (B, 1 + N, C) after the final norm.
+        """Tile features -> tokens (B, P + N, C) after the final norm (P: class token + registers).
 
         Args:
             x: features (B, N, D_in), or a feature grid (B, D_in, H, W).
