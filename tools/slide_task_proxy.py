@@ -91,25 +91,6 @@ def evaluate(model, slides) -> tuple[float, float]:
     return float(np.mean(losses)), right / len(slides)
 
 
-def add_registers(model, n: int) -> None:
-    """Insert n learned tokens after the class token (no padding masks, no sequence parallel)."""
-    if not model.has_class_token:
-        raise ValueError("--registers needs a class token (--pool token)")
-    reg = torch.nn.Parameter(torch.randn(1, n, model.embed_dim) * 0.02)
-    model.register_parameter("reg_token", reg)
-    prefix = model._prefix
-
-    def with_registers(x, padding_mask):
-        if padding_mask is not None:
-            raise ValueError("the register patch takes no padding mask")
-        x, _ = prefix(x, None)
-        regs = reg.expand(x.shape[0], -1, -1).to(x.dtype)
-        return torch.cat([x[:, :1], regs, x[:, 1:]], dim=1), None
-
-    model._prefix = with_registers
-    model.num_prefix_tokens += n
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attention", default="full", choices=["full", "local", "dense"])
@@ -144,8 +125,7 @@ def main(argv=None) -> int:
         "--registers", type=int, default=0,
         help="learned register tokens placed after the class token (positions 1..R): with "
         "R = 15, the 16 prefix tokens take every offset of a rate-16 branch, so each of its "
-        "heads has a prefix token that sees the whole slide (an experiment: patched in here, "
-        "not a model option yet)",
+        "heads has a prefix token that sees the whole slide (the model's reg_tokens)",
     )  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=1, help="slides per optimizer step")
@@ -179,8 +159,9 @@ def main(argv=None) -> int:
         slides = [(f, c * 0, y, s) for f, c, y, s in slides]
     kwargs = dict(in_chans=args.dim, embed_dim=args.embed_dim, depth=args.depth,
                   num_heads=args.heads, num_classes=2, class_token=args.pool == "token",
-                  global_pool=args.pool, fc_norm=False if args.no_fc_norm else None)  # fmt: skip
-    longest = max(len(s[0]) for s in slides)
+                  global_pool=args.pool, fc_norm=False if args.no_fc_norm else None,
+                  reg_tokens=args.registers)  # fmt: skip
+    longest = max(len(s[0]) for s in slides) + args.registers  # tiles + registers
     if args.attention == "local":
         kwargs.update(segment_lengths=[args.local_segment], dilation_rates=[1])
     elif args.attention == "dense":
@@ -191,8 +172,6 @@ def main(argv=None) -> int:
         if args.segments is not None:
             kwargs.update(segment_lengths=[w or longest + 1 for w in args.segments])
     model = timm.create_model("longvit_slide_small", **kwargs)
-    if args.registers:
-        add_registers(model, args.registers)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
 
     def lr_at(step: int) -> float:
