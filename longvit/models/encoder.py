@@ -170,19 +170,16 @@ class DilatedEncoder(nn.Module):
             return x, padding_mask
         b = x.shape[0]
         x = torch.cat([t.expand(b, -1, -1).to(x.dtype) for t in prefix] + [x], dim=1)
-        if self.reg_token is not None:  # set_sequence_parallel refuses registers
-            if padding_mask is not None:
-                slots = padding_mask.new_zeros((b, self.num_prefix_tokens))
-                padding_mask = torch.cat([slots, padding_mask], dim=1)
-            return x, padding_mask
         # with sequence parallelism only rank 0's slot is the class token; the other ranks'
-        # slots keep the shards equal and are padding (never a key, never pooled)
+        # slots keep the shards equal and are padding (never a key, never pooled); registers
+        # are refused there (set_sequence_parallel), so P = 1 then
+        p = self.num_prefix_tokens
         pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
         if padding_mask is None and pad_slot:
-            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)[:, 1:]
+            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)[:, p:]
         if padding_mask is not None:
-            slot = padding_mask.new_full((b, 1), pad_slot)
-            padding_mask = torch.cat([slot, padding_mask], dim=1)
+            slots = padding_mask.new_full((b, p), pad_slot)
+            padding_mask = torch.cat([slots, padding_mask], dim=1)
         return x, padding_mask
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
