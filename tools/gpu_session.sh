@@ -3,7 +3,8 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 9 minutes (carry .whl)
-# Stages: tests, attention, model, model_4m, probe, extract, slide_task. Results go to $OUT
+# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), extract,
+# slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -27,7 +28,9 @@ for stage in "${stages[@]}"; do
     tests)
         wheels
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
-            tests/test_models_norm.py tests/test_models_keep_attention.py 2>&1 | tail -15 ;;
+            tests/test_models_norm.py tests/test_models_keep_attention.py \
+            "tests/test_extract_features.py::test_features_on_gpu_equal_direct_model_call" \
+            2>&1 | tail -15 ;;
     attention)
         python tools/bench_attention.py --iters 3 --out "$OUT/attention.json" ;;
     model)
@@ -39,7 +42,7 @@ for stage in "${stages[@]}"; do
         python tools/bench_model.py --tokens 4194304 --steps 1 --no-find-max --offload \
             --patches-on-host --mlp-chunk 65536 --out "$OUT/model_4m.json" 2>&1 | grep -v Warning ;;
     probe)
-        python tools/probe_kernels.py step kernels --tokens 1048576 --keep-attention ;;
+        python tools/probe_kernels.py step norms preprocess --tokens 1048576 --keep-attention ;;
     extract)
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 13 11 \

@@ -7,6 +7,11 @@
    of segments of length L, with the out/LSE difference to cuDNN.
 2. ``step``: torch.profiler over one longvit_base training step (``tools/bench_model.py``'s),
    CUDA time per kernel family, top rows.
+3. ``norms``: a LayerNorm feeding a Linear at (1, tokens, 768), bf16 autocast, forward and
+   forward+backward: nn.LayerNorm as autocast runs it (float32), longvit's LinearInputNorm,
+   F.layer_norm on bf16 (weights cast), and a torch.compile'd float32-math norm (bf16 in/out).
+4. ``preprocess``: the extractor's GPU preprocessing (uint8 224-px tiles -> vit_base_patch16_224
+   input: bicubic resize to 248, centre crop, normalise) against the model's forward, per batch.
 
     PYTHONPATH=. python tools/probe_kernels.py kernels step --tokens 1048576 --keep-attention
 """
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -156,9 +162,92 @@ def copies_by_site(events, device: str, top: int) -> None:
         print(f"{spent / 1e6:>11.3f} {count:>7}  {key[:150]}")
 
 
+def probe_norms(tokens: int, dim: int = 768) -> None:
+    import torch.nn.functional as F
+
+    from longvit.models.layers import LinearInputNorm
+
+    x0 = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    plain = torch.nn.LayerNorm(dim, eps=1e-6).cuda()
+    ours = LinearInputNorm(dim, eps=1e-6).cuda()
+
+    def bf16_weights(x):
+        with torch.autocast("cuda", enabled=False):
+            return F.layer_norm(x, (dim,), plain.weight.bfloat16(), plain.bias.bfloat16(), 1e-6)
+
+    def fp32_math(x, w, b):
+        return F.layer_norm(x.float(), (dim,), w, b, 1e-6).to(torch.bfloat16)
+
+    compiled = torch.compile(fp32_math, dynamic=False)
+
+    def compiled_norm(x):
+        with torch.autocast("cuda", enabled=False):
+            return compiled(x, plain.weight, plain.bias)
+
+    variants = [
+        ("nn.LayerNorm (autocast)", plain),
+        ("LinearInputNorm", ours),
+        ("F.layer_norm bf16", bf16_weights),
+        ("compiled fp32 math", compiled_norm),
+    ]
+    print(f"{'norm at ' + format(tokens, ',') + ' x ' + str(dim):>28} {'fwd ms':>8} "
+          f"{'fwd+bwd ms':>11} {'max |out - plain|':>18}")  # fmt: skip
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = plain(x0).float()
+        for name, fn in variants:
+            x = x0.detach().requires_grad_(True)
+            try:
+                out = fn(x)
+                diff = (out.float() - ref).abs().max().item()
+                t_f = _time(lambda fn=fn, x=x: fn(x))
+
+                g = grad.to(out.dtype)
+
+                def fb(fn=fn, x=x, g=g):
+                    fn(x).backward(g)
+
+                t_fb = _time(fb)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name:>28} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            print(f"{name:>28} {t_f * 1e3:>8.2f} {t_fb * 1e3:>11.2f} {diff:>18.2e}", flush=True)
+    cast = _time(lambda: x0.float())
+    print(f"{'bf16 -> float32 copy':>28} {cast * 1e3:>8.2f}")
+
+
+def probe_preprocess(batch: int = 512) -> None:
+    import timm
+
+    from longvit.extract.model import TilePreprocess, build_tile_encoder
+
+    encoder = build_tile_encoder("vit_base_patch16_224", random_init=True, precision="bf16")
+    encoder = encoder.cuda()
+    encoder.model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    tiles = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    _, h, w = encoder.preprocessing.input_size
+    ready = torch.randn(batch, 3, h, w, device="cuda").contiguous(memory_format=torch.channels_last)
+    no_resize = TilePreprocess(dataclasses.replace(encoder.preprocessing, crop_pct=1.0)).cuda()
+    with torch.inference_mode():
+        t_pre = _time(lambda: encoder.preprocess(tiles), iters=20)
+        t_pre1 = _time(lambda: no_resize(tiles), iters=20)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            t_model = _time(lambda: encoder.model(ready), iters=10)
+        t_all = _time(lambda: encoder(tiles), iters=10)
+    print(f"timm {timm.__version__}; batch {batch}, {encoder.preprocessing}")
+    for name, t in [
+        ("preprocess (resize 248, crop)", t_pre),
+        ("preprocess (crop_pct 1)", t_pre1),
+        ("model forward", t_model),
+        ("encoder (preprocess + model)", t_all),
+    ]:
+        print(f"{name:>32} {t * 1e3:>8.2f} ms  {batch / t:>9.0f} tiles/s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probes", nargs="+", choices=["kernels", "step"])
+    p.add_argument("probes", nargs="+", choices=["kernels", "step", "norms", "preprocess"])
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
     p.add_argument("--keep-attention", action="store_true")
@@ -169,6 +258,10 @@ def main(argv=None) -> int:
         probe_step(args.tokens, args.keep_attention, args.top, args.device)
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    if "norms" in args.probes:
+        probe_norms(args.tokens)
+    if "preprocess" in args.probes:
+        probe_preprocess()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     return 0
