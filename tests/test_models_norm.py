@@ -1,10 +1,12 @@
 """LinearInputNorm: nn.LayerNorm's values and gradients under autocast, without float32 copies."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from longvit.models.layers import LinearInputNorm
+from longvit.models.layers import LinearInputNorm, layer_norm_float32_math, set_fused_norm
 
 
 def cuda_autocast_reference(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -67,16 +69,55 @@ def test_without_autocast_it_is_layer_norm():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast's CUDA policy)")
-def test_equals_layer_norm_under_cuda_autocast():
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_equals_layer_norm_under_cuda_autocast(fused, in_dtype):
+    """ATen path: bit for bit. Compiled path: the same float32 math, summed in another order."""
     torch.manual_seed(0)
     norm, linear = LinearInputNorm(768, eps=1e-6).cuda(), nn.Linear(768, 2304).cuda()
     ref = nn.LayerNorm(768, eps=1e-6).cuda()
     nn.init.normal_(norm.weight, 1.0, 0.5)
+    nn.init.normal_(norm.bias, 0.0, 0.5)
     ref.load_state_dict(norm.state_dict())
-    x = torch.randn(1, 4096, 768, device="cuda").to(torch.bfloat16)
-    y_ref, g_ref = run(lambda n, t: ref(t), ref, linear, x, "cuda")
-    linear.zero_grad(set_to_none=True)
-    y, g = run(lambda n, t: n(t), norm, linear, x, "cuda")
-    assert torch.equal(y, y_ref)
-    for a, b in zip(g, g_ref, strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    y_ref, g_ref = None, None
+    set_fused_norm(fused)
+    try:
+        for n in (4096, 1000, 1):  # sequence lengths vary (slides): one kernel serves all
+            x = (torch.randn(1, n, 768, device="cuda") * 3 + 1).to(in_dtype)
+            for module in (ref, norm, linear):
+                module.zero_grad(set_to_none=True)
+            y_ref, g_ref = run(lambda n, t: ref(t), ref, linear, x, "cuda")
+            for module in (ref, norm, linear):
+                module.zero_grad(set_to_none=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y, g = run(lambda n, t: n(t), norm, linear, x, "cuda")
+            # the compiled path must not have fallen back to ATen's kernels
+            assert not [w for w in caught if "compiled LayerNorm" in str(w.message)]
+            if not fused:
+                assert torch.equal(y, y_ref)
+                for a, b in zip(g, g_ref, strict=True):
+                    assert a.dtype == b.dtype and torch.equal(a, b)
+                continue
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), y_ref.float(), rtol=8e-3, atol=1e-2)
+            for a, b in zip(g, g_ref, strict=True):
+                assert a.dtype == b.dtype
+                tol = 2e-2 * b.float().abs().max().item()
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=tol)
+    finally:
+        set_fused_norm(True)
+
+
+def test_fused_norm_math_equals_layer_norm_in_float64():
+    """The function the CUDA path compiles: float32 LayerNorm math, output in out_dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 64, dtype=torch.float64) * 2 + 0.5
+    w, b = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    want = nn.functional.layer_norm(x, (64,), w, b, 1e-6)
+    got = layer_norm_float32_math(x.to(torch.bfloat16), w.float(), b.float(), 1e-6, torch.float32)
+    assert got.dtype == torch.float32
+    # the only error left is the input's bf16 rounding, amplified by |w| / std(x)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=0.05)
+    exact = layer_norm_float32_math(x.float(), w.float(), None, 1e-6, torch.float64)
+    torch.testing.assert_close(exact, want - b, rtol=1e-5, atol=1e-5)
