@@ -3,8 +3,8 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 9 minutes (carry .whl)
-# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), extract,
-# slide_task. Results go to $OUT
+# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess,
+# extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -43,9 +43,11 @@ for stage in "${stages[@]}"; do
             --patches-on-host --mlp-chunk 65536 --out "$OUT/model_4m.json" 2>&1 | grep -v Warning ;;
     probe)
         python tools/probe_kernels.py step norms preprocess --tokens 1048576 --keep-attention ;;
+    preprocess)
+        python tools/probe_kernels.py preprocess ;;
     extract)
         wheels
-        python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 13 11 \
+        python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \
             --out "$OUT/extract.json" 2>&1 | grep -v "it/s" | tail -25 ;;
     slide_task)
         wheels
