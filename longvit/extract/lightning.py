@@ -10,6 +10,7 @@ the progress bar; at the end the ranks' reports are gathered.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -57,8 +58,11 @@ def tile_loader(
 ) -> DataLoader:
     """The extractor's DataLoader over these slides' tiles: uint8 batches
     (``collate_slide_tiles``), each worker reading runs of neighbouring tiles
-    (``WorkerRunSampler``)."""
+    (``WorkerRunSampler``). Batches are taken as they come (``in_order=False``, torch >= 2.6):
+    one worker slow on a batch (a cold slide, a page-cache miss) does not hold back the
+    others' finished batches; rows carry their slide and tile index, so order is not needed."""
     dataset = MultiSlideTileDataset(jobs)
+    extra = {"in_order": False} if workers and _HAS_IN_ORDER else {}
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -68,7 +72,11 @@ def tile_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        **extra,
     )
+
+
+_HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader).parameters
 
 
 class TileFeatureModule(L.LightningModule):
