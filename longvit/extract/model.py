@@ -86,26 +86,17 @@ class Preprocessing:
 class TilePreprocess(nn.Module):
     """(B, H, W, 3) uint8 RGB tiles -> (B, 3, h, w) float32 normalised, channels_last.
 
-    Equal to timm's evaluation transform on the same tiles up to resampling round-off: the
-    resize is torch's antialiased resampling (PIL's filters), written as one matrix per axis
-    with the centre crop folded in (``resample_matrix``), applied as two matrix products, then
-    rounded to whole pixel values as PIL does; when no resize is needed it is the same
-    arithmetic up to float round-off: x / 255, then (x - mean) / std, computed as one
-    multiply-add.
-
-    tf32_resize: on CUDA, run the two resize products in TF32 (about 8x the float32 rate; a
-    TileEncoder under bf16/fp16 autocast sets it): their round-off, a few hundredths of a
-    pixel level, moves a few pixels by one level when rounded, less than the bf16 rounding of
-    the model's input itself (about half a level at 255).
+    Equal to timm's evaluation transform on the same tiles up to resampling round-off (the
+    resize runs on tensors with antialiasing, then rounds to whole pixel values as PIL does);
+    when no resize is needed it is the same arithmetic up to float round-off: x / 255, then
+    (x - mean) / std, computed as one multiply-add.
     """
 
-    def __init__(self, preprocessing: Preprocessing, tf32_resize: bool = False):
+    def __init__(self, preprocessing: Preprocessing):
         super().__init__()
         self.preprocessing = preprocessing
-        self.tf32_resize = bool(tf32_resize)
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), False)
-        self._matrices: dict = {}
 
     def forward(self, tiles_BHWC: torch.Tensor) -> torch.Tensor:
         p = self.preprocessing
@@ -117,8 +108,11 @@ class TilePreprocess(nn.Module):
         if p.crop_mode != "squash" and scale_h != scale_w:
             scale_h = scale_w = max(scale_h, scale_w)  # keep the tile square, crop the rest
         if (scale_h, scale_w) != (tile_h, tile_w):
-            x_BCHW = self._resize_crop(tiles_BHWC, (scale_h, scale_w))
-        elif (scale_h, scale_w) != (out_h, out_w):
+            mode = _INTERPOLATIONS[p.interpolation]
+            extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
+            x_BCHW = F.interpolate(x_BCHW.float(), size=(scale_h, scale_w), mode=mode, **extra)
+            x_BCHW = x_BCHW.clamp_(0, 255).round_()
+        if (scale_h, scale_w) != (out_h, out_w):
             top = int(round((scale_h - out_h) / 2.0))  # torchvision's CenterCrop offsets
             left = int(round((scale_w - out_w) / 2.0))
             x_BCHW = x_BCHW[..., top : top + out_h, left : left + out_w]
@@ -126,43 +120,8 @@ class TilePreprocess(nn.Module):
         # uint8 (or resized float) pixels and writing float32 channels_last
         scale = 1.0 / (255.0 * self.std)
         shift = -self.mean / self.std
-        b, c, h, w = x_BCHW.shape
-        out = torch.empty((b, c, h, w), device=x_BCHW.device, memory_format=torch.channels_last)
-        return torch.addcmul(shift, x_BCHW, scale, out=out)
-
-    def _resize_crop(self, tiles_BHWC: torch.Tensor, scale_hw: tuple[int, int]) -> torch.Tensor:
-        """Resize to scale_hw, keep the centre input_size: two matrix products (float32), each
-        contracting the last dim of a contiguous tensor; returns (B, 3, h, w) float whole
-        pixel values (clamped to 0-255 and rounded, as PIL's 8-bit output)."""
-        b, tile_h, tile_w, c = tiles_BHWC.shape
-        _, out_h, out_w = self.preprocessing.input_size
-        key = (tile_h, tile_w, scale_hw, tiles_BHWC.device)
-        if key not in self._matrices:
-            mode = _INTERPOLATIONS[self.preprocessing.interpolation]
-            self._matrices[key] = tuple(
-                resample_matrix(size, scale, out, mode).to(tiles_BHWC.device)
-                for size, scale, out in ((tile_h, scale_hw[0], out_h), (tile_w, scale_hw[1], out_w))
-            )
-        rows_HO, cols_WO = (m.T for m in self._matrices[key])  # (H, h), (W, w)
-        x_BWCH = tiles_BHWC.permute(0, 2, 3, 1).to(
-            torch.float32, memory_format=torch.contiguous_format
-        )
-        y_BWCh = (x_BWCH.view(-1, tile_h) @ rows_HO).view(b, tile_w, c, out_h)
-        y_BhCW = y_BWCh.permute(0, 3, 2, 1).contiguous()
-        z_BhCw = (y_BhCW.view(-1, tile_w) @ cols_WO).view(b, out_h, c, out_w)
-        return z_BhCw.clamp_(0, 255).round_().permute(0, 2, 1, 3)
-
-
-def resample_matrix(size: int, scale: int, out: int, mode: str) -> torch.Tensor:
-    """(out, size) float32 matrix M with M @ v = the centre ``out`` samples of ``v`` (length
-    ``size``) resized to ``scale`` by ``F.interpolate`` (antialiased unless "nearest"; torch's
-    antialiased filters are PIL's). Computed by resizing the identity in float64, so the
-    weights are torch's own."""
-    eye = torch.eye(size, dtype=torch.float64)[None, None]  # row i: the unit vector e_i
-    extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-    resized = F.interpolate(eye, size=(size, scale), mode=mode, **extra)[0, 0]  # (size, scale)
-    start = int(round((scale - out) / 2.0))  # torchvision's CenterCrop offset
-    return resized[:, start : start + out].T.to(torch.float32).contiguous()
+        out = torch.addcmul(shift, x_BCHW, scale)
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class TileEncoder(nn.Module):
@@ -186,8 +145,7 @@ class TileEncoder(nn.Module):
         if precision not in PRECISIONS:
             raise TileEncoderError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
-        # under autocast the model rounds its input to bf16/fp16 anyway: the resize may use TF32
-        self.preprocess = TilePreprocess(preprocessing, tf32_resize=precision in ("bf16", "fp16"))
+        self.preprocess = TilePreprocess(preprocessing)
         self.preprocessing = preprocessing
         self.model_name = model_name
         self.weights = weights
