@@ -281,6 +281,8 @@ def _fused_layer_norm(x, weight, bias, eps, out_dtype) -> torch.Tensor | None:
     kernel); None when it cannot be compiled here."""
     if _fused.failed:
         return None
+    if torch.compiler.is_compiling():  # inside the user's torch.compile: it fuses this itself
+        return layer_norm_float32_math(x, weight, bias, eps, out_dtype)
     if _fused.compiled is None:
         _fused.compiled = torch.compile(layer_norm_float32_math, dynamic=None)
     rows = x.reshape(-1, x.shape[-1])
