@@ -44,7 +44,7 @@ for stage in "${stages[@]}"; do
     probe)
         python tools/probe_kernels.py step norms preprocess --tokens 1048576 --keep-attention ;;
     preprocess)
-        python tools/probe_kernels.py preprocess ;;
+        python tools/probe_kernels.py preprocess overhead ;;
     extract)
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \

@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""Where does GPU time go? Two probes for one GPU session, printed as tables.
+"""Where does GPU time go? Probes for one GPU session, printed as tables.
 
 1. ``kernels``: the fused attention kernels longvit can call (cuDNN, PyTorch's flash, and the
    flash implementations torch lists, e.g. 'FA3', activated one after another), timed forward
    and forward+backward at ~1M tokens in total (12 heads x 64, bf16) as (B', H, L, D) batches
    of segments of length L, with the out/LSE difference to cuDNN.
 2. ``step``: torch.profiler over one longvit_base training step (``tools/bench_model.py``'s),
-   CUDA time per kernel family, top rows.
+   CUDA time per kernel family, top rows, and the copies grouped by call site.
 3. ``norms``: a LayerNorm feeding a Linear at (1, tokens, 768), bf16 autocast, forward and
    forward+backward: nn.LayerNorm as autocast runs it (float32), longvit's LinearInputNorm,
    F.layer_norm on bf16 (weights cast), and a torch.compile'd float32-math norm (bf16 in/out).
 4. ``preprocess``: the extractor's GPU preprocessing (uint8 224-px tiles -> vit_base_patch16_224
-   input: bicubic resize to 248, centre crop, normalise) against the model's forward, per batch.
+   input: bicubic resize to 248, centre crop, normalise) against the model's forward, per
+   512-tile batch: each pass apart, a compiled variant, the host-to-device copy, and 8 batches
+   run as the extraction loop does, with and without the copy + preprocessing on a side stream.
+5. ``overhead``: is the dilated_attention op (forward + backward, bf16, 12 x 64 heads, LongViT
+   schedules) bound by the host? Its GPU time against the host time it takes to enqueue the
+   same work while the GPU is kept busy (so the host never waits): where the two are close,
+   fewer ops or CUDA graphs are the lever, not the kernels.
 
-    PYTHONPATH=. python tools/probe_kernels.py kernels step --tokens 1048576 --keep-attention
+    PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
+    PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import dataclasses
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -274,14 +282,79 @@ def probe_preprocess(batch: int = 512) -> None:
         rows["encoder (preprocess + model)"] = _time(lambda: encoder(tiles), iters=10)
         with torch.autocast("cuda", dtype=torch.bfloat16):  # clocks drift: the model again
             rows["model forward, again"] = _time(lambda: encoder.model(ready), iters=10)
+        # the extraction loop's GPU side over 8 batches: H2D copy, preprocessing and model in
+        # one stream, or copy + preprocessing on a side stream overlapping the previous model
+        side = torch.cuda.Stream()
+
+        def pipeline(overlap: bool, batches: int = 8):
+            main = torch.cuda.current_stream()
+            for _ in range(batches):
+                if overlap:
+                    with torch.cuda.stream(side):
+                        x = pre(host.to("cuda", non_blocking=True))
+                    main.wait_stream(side)
+                    x.record_stream(main)
+                else:
+                    x = pre(host.to("cuda", non_blocking=True))
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    encoder.model(x)
+
+        rows["8 batches: copy, preprocess, model"] = _time(lambda: pipeline(False), 2) / 8
+        rows["8 batches: copy + preprocess on a side stream"] = _time(lambda: pipeline(True), 2) / 8
     print(f"timm {timm.__version__}; batch {batch}, {encoder.preprocessing}")
     for name, t in rows.items():
         print(f"{name:>36} {t * 1e3:>8.2f} ms  {batch / t:>9.0f} tiles/s")
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def probe_overhead() -> None:
+    from longvit.attention import dilated_attention
+
+    configs = [
+        (65536, [1024, 4096, 8192, 16384, 65536]),
+        (262144, [1024, 4096, 16384, 65536, 262144]),
+    ]
+    rates = [1, 2, 4, 8, 16]
+    print(f"{'tokens':>9} {'GPU ms':>8} {'host enqueue ms':>16} {'ops per step':>13}")
+    for n, ws in configs:
+        q, k, v = (
+            torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        go = torch.randn_like(q)
+
+        def step(q=q, k=k, v=v, go=go, ws=ws):
+            out = dilated_attention(q, k, v, ws, rates)
+            torch.autograd.grad(out, (q, k, v), go)
+
+        gpu = _time(step, iters=10)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e9))  # ~1 s of GPU spinning: the host runs ahead
+        t = time.perf_counter()
+        for _ in range(10):
+            step()
+        host = (time.perf_counter() - t) / 10
+        torch.cuda.synchronize()
+        with _OpCount() as count:
+            step()
+        print(f"{n:>9,} {gpu * 1e3:>8.2f} {host * 1e3:>16.2f} {count.calls:>13}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probes", nargs="+", choices=["kernels", "step", "norms", "preprocess"])
+    probes = ["kernels", "step", "norms", "preprocess", "overhead"]
+    p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
     p.add_argument("--keep-attention", action="store_true")
@@ -296,6 +369,8 @@ def main(argv=None) -> int:
         probe_norms(args.tokens)
     if "preprocess" in args.probes:
         probe_preprocess()
+    if "overhead" in args.probes:
+        probe_overhead()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     return 0
