@@ -8,7 +8,9 @@ partners (0-1 or 2-3), which no single region decides, nor any threshold on a su
 per region (a nonlinear function of the whole slide's mean feature does). Then it trains, with
 the same data, seed and schedule,
 
-- ``full``: longvit_slide_base as registered (dilation rates 1..16, segments up to N), and
+- ``full``: longvit_slide_base with dilation rates 1 2, segments 256 + the whole slide and one
+  register token (the regime that learned on the proxy and on the H200; ``--rates 1 2 4 8 16
+  --segments auto --registers 0`` gives the registered LongViT schedule, which did not), and
 - ``local``: the same model restricted to its first branch (one segment length w_0 of the
   auto schedule at the median slide length, dilation 1): tiles attend only within their
   w_0-tile segment, so the two markers never meet in one attention,
@@ -41,10 +43,13 @@ after the class token (``--rates 1 2 --segments 256 0 --registers 1`` here): eac
 takes part in the whole-slide branch for one head-group offset, and the register covers the
 other; the local model stays blind with it (positions 0-1 lie in its first segment).
 
-    PYTHONPATH=. python tools/bench_slide_task.py --out bench_slide_task.json   # one H200, ~12 min
-    PYTHONPATH=. python tools/bench_slide_task.py --slides 1000 --steps 1000 --rates 1 2 \
-        --segments 256 0 --registers 1 --models full local dense     # the proxy's regime
+    PYTHONPATH=. python tools/bench_slide_task.py --out bench_slide_task.json   # one H200, ~5 min
+    PYTHONPATH=. python tools/bench_slide_task.py --rates 1 2 4 8 16 --segments auto \
+        --registers 0 --models full                    # the registered schedule (did not learn)
     PYTHONPATH=. python tools/bench_slide_task.py --device cpu --small          # smoke test
+
+Measured on one H200 (docs/benchmarks.md, 2026-11-29): held-out AUROC full 0.940 and 0.948 (two
+seeds), local 0.534.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="tiny cohort and model (smoke test)")
-    p.add_argument("--slides", type=int, default=1500)
+    p.add_argument("--slides", type=int, default=1000)
     p.add_argument("--min-tiles", type=int, default=2000)
     p.add_argument("--max-tiles", type=int, default=4000)
     p.add_argument("--dim", type=int, default=32, help="tile feature width")
@@ -85,28 +90,30 @@ def _parser() -> argparse.ArgumentParser:
         "projected features outweigh the position embedding at initialisation",
     )  # fmt: skip
     p.add_argument("--pool", default="token", choices=["token", "avg"])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per model")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument(
-        "--minutes-per-model", type=float, default=7.0, help="Trainer max_time (safety net)"
+        "--minutes-per-model", type=float, default=4.0, help="Trainer max_time (safety net)"
     )
     p.add_argument(
         "--models", nargs="+", default=["full", "local"], choices=["full", "local", "dense"],
         help="which to train, in order (dense: one branch over the whole slide, a control)",
     )  # fmt: skip
     p.add_argument(
-        "--rates", type=int, nargs="+", default=None,
-        help="dilation rates of the full model (default: the registered 1 2 4 8 16)",
+        "--rates", type=int, nargs="+", default=[1, 2],
+        help="dilation rates of the full model (default 1 2: with --segments 256 0 and one "
+        "register, the regime that learned; the registered ones: --rates 1 2 4 8 16 "
+        "--segments auto)",
     )  # fmt: skip
     p.add_argument(
-        "--segments", type=int, nargs="+", default=None,
-        help="segment lengths of the full model, one per rate (0: the longest slide + 1; "
-        "default: the auto schedule of each slide's length)",
+        "--segments", nargs="+", default=["256", "0"],
+        help="segment lengths of the full model, one per rate (0: the longest slide + the "
+        "prefix tokens; 'auto': the auto schedule of each slide's length)",
     )  # fmt: skip
     p.add_argument(
-        "--registers", type=int, default=0,
+        "--registers", type=int, default=1,
         help="register tokens after the class token, every model (reg_tokens; see the docstring)",
     )  # fmt: skip
     p.add_argument("--workdir", default=None, help="cohort folder (default: a temporary one)")
@@ -173,7 +180,14 @@ def train_one(name: str, manifest: Path, model_kwargs: dict, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.segments != ["auto"] and not all(w.isdigit() for w in args.segments):
+        parser.error(f"--segments takes whole numbers (0: the whole slide) or 'auto', got "
+                     f"{' '.join(args.segments)}")  # fmt: skip
+    if args.segments != ["auto"] and len(args.segments) != len(args.rates):
+        parser.error(f"--segments needs one length per rate ({len(args.rates)}), got "
+                     f"{len(args.segments)}")  # fmt: skip
     if args.small:
         args.slides, args.min_tiles, args.max_tiles, args.dim = 24, 200, 400, 32
         args.steps, args.batch_size, args.lr, args.scale = 10, 4, 1e-3, 10.0
@@ -206,10 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         common["reg_tokens"] = args.registers
     whole = args.max_tiles + 1 + args.registers  # a segment over the longest slide + prefix
     full_schedule = {}
-    if args.rates is not None:
-        full_schedule["dilation_rates"] = args.rates
-    if args.segments is not None:
-        full_schedule["segment_lengths"] = [w or whole for w in args.segments]
+    full_schedule["dilation_rates"] = args.rates
+    if args.segments != ["auto"]:
+        full_schedule["segment_lengths"] = [int(w) or whole for w in args.segments]
     kwargs = {
         "full": dict(common, **full_schedule),
         "local": dict(common, segment_lengths=[local_segment], dilation_rates=[1]),

@@ -2,7 +2,7 @@
 # GPU-machine runs in stages, so one session's 30 minutes of device time go into a few calls.
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
-#   bash tools/gpu_session.sh extract slide_task         # about 9 minutes (carry .whl)
+#   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
 # Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess,
 # extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
