@@ -121,3 +121,23 @@ def test_fused_norm_math_equals_layer_norm_in_float64():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=0.05)
     exact = layer_norm_float32_math(x.float(), w.float(), None, 1e-6, torch.float64)
     torch.testing.assert_close(exact, want - b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_norm_falls_back_once_with_a_warning(monkeypatch):
+    """Where torch.compile cannot build the kernel, the norm warns once and stays on ATen."""
+    from longvit.models import layers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(layers._fused, "compiled", broken)
+    monkeypatch.setattr(layers._fused, "failed", False)
+    x, w, b = torch.randn(2, 5, 8), torch.ones(8), torch.zeros(8)
+    with pytest.warns(UserWarning, match="compiled LayerNorm is unavailable .*no Triton here"):
+        assert layers._fused_layer_norm(x, w, b, 1e-6, torch.bfloat16) is None
+    assert layers._fused.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the attempt is not repeated
+        assert layers._fused_layer_norm(x, w, b, 1e-6, torch.bfloat16) is None
+    set_fused_norm(True)  # re-enabling clears the failure: the next call tries again
+    assert not layers._fused.failed
