@@ -9,7 +9,7 @@
    CUDA time per kernel family, top rows, and the copies grouped by call site.
 3. ``norms``: a LayerNorm feeding a Linear at (1, tokens, 768), bf16 autocast, forward and
    forward+backward: nn.LayerNorm as autocast runs it (float32), longvit's LinearInputNorm,
-   F.layer_norm on bf16 (weights cast), and a torch.compile'd float32-math norm (bf16 in/out).
+   F.layer_norm on bf16 (weights cast), and LinearInputNorm on its ATen path and compiled.
 4. ``preprocess``: the extractor's GPU preprocessing (uint8 224-px tiles -> vit_base_patch16_224
    input: bicubic resize to 248, centre crop, normalise) against the model's forward, per
    512-tile batch: each pass apart, a compiled variant, the host-to-device copy, and 8 batches
@@ -173,7 +173,7 @@ def copies_by_site(events, device: str, top: int) -> None:
 def probe_norms(tokens: int, dim: int = 768) -> None:
     import torch.nn.functional as F
 
-    from longvit.models.layers import LinearInputNorm
+    from longvit.models.layers import LinearInputNorm, set_fused_norm
 
     x0 = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(1, tokens, dim, device="cuda", dtype=torch.bfloat16)
@@ -184,20 +184,21 @@ def probe_norms(tokens: int, dim: int = 768) -> None:
         with torch.autocast("cuda", enabled=False):
             return F.layer_norm(x, (dim,), plain.weight.bfloat16(), plain.bias.bfloat16(), 1e-6)
 
-    def fp32_math(x, w, b):
-        return F.layer_norm(x.float(), (dim,), w, b, 1e-6).to(torch.bfloat16)
+    def ours_with(fused: bool):
+        def run(x):
+            set_fused_norm(fused)
+            try:
+                return ours(x)
+            finally:
+                set_fused_norm(True)
 
-    compiled = torch.compile(fp32_math, dynamic=False)
-
-    def compiled_norm(x):
-        with torch.autocast("cuda", enabled=False):
-            return compiled(x, plain.weight, plain.bias)
+        return run
 
     variants = [
         ("nn.LayerNorm (autocast)", plain),
-        ("LinearInputNorm", ours),
+        ("LinearInputNorm, ATen path", ours_with(False)),
         ("F.layer_norm bf16", bf16_weights),
-        ("compiled fp32 math", compiled_norm),
+        ("LinearInputNorm, compiled", ours_with(True)),
     ]
     print(f"{'norm at ' + format(tokens, ',') + ' x ' + str(dim):>28} {'fwd ms':>8} "
           f"{'fwd+bwd ms':>11} {'max |out - plain|':>18}")  # fmt: skip
@@ -254,8 +255,11 @@ def probe_preprocess(batch: int = 512) -> None:
 
     resized = resize(x_cl)
 
+    top, left = (round((s - o) / 2) for s, o in zip(scale_hw, (h, w)))  # the centre crop
+
     def normalise():
-        return torch.addcmul(-pre.mean / pre.std, resized[..., 12:236, 12:236], 1 / (255 * pre.std))
+        crop = resized[..., top : top + h, left : left + w]
+        return torch.addcmul(-pre.mean / pre.std, crop, 1 / (255 * pre.std))
 
     rows = {}
     with torch.inference_mode():
