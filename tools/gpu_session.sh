@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
-# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess,
+# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess, op,
 # extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
@@ -44,7 +44,10 @@ for stage in "${stages[@]}"; do
     probe)
         python tools/probe_kernels.py step norms preprocess --tokens 1048576 --keep-attention ;;
     preprocess)
+        wheels
         python tools/probe_kernels.py preprocess overhead ;;
+    op)
+        python tools/probe_kernels.py overhead strided ;;
     extract)
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \

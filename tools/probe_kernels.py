@@ -323,26 +323,31 @@ class _OpCount(TorchDispatchMode):
 
 
 def probe_overhead() -> None:
-    from longvit.attention import dilated_attention
+    from longvit.attention import dilated_attention, strided_ops
 
+    longvit_rates = [1, 2, 4, 8, 16]
     configs = [
-        (65536, [1024, 4096, 8192, 16384, 65536]),
-        (262144, [1024, 4096, 16384, 65536, 262144]),
+        (65536, [1024, 4096, 8192, 16384, 65536], longvit_rates),
+        (262144, [1024, 4096, 16384, 65536, 262144], longvit_rates),
+        (2**20, [2048 * 2**i for i in range(10)], [2**i for i in range(10)]),  # LongNet's
     ]
-    rates = [1, 2, 4, 8, 16]
     print(f"{'tokens':>9} {'GPU ms':>8} {'host enqueue ms':>16} {'ops per step':>13}")
-    for n, ws in configs:
+    for n, ws, rates in configs:
         q, k, v = (
             torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(3)
         )
         go = torch.randn_like(q)
 
-        def step(q=q, k=k, v=v, go=go, ws=ws):
+        def step(q=q, k=k, v=v, go=go, ws=ws, rates=rates):
             out = dilated_attention(q, k, v, ws, rates)
             torch.autograd.grad(out, (q, k, v), go)
 
+        strided_ops.set_triton(False)
+        aten_gpu = _time(step, iters=10)
+        strided_ops.set_triton(True)
         gpu = _time(step, iters=10)
+        print(f"{n:>9,} ATen data movement {aten_gpu * 1e3:.2f} ms, Triton {gpu * 1e3:.2f} ms")
         torch.cuda.synchronize()
         torch.cuda._sleep(int(2e9))  # ~1 s of GPU spinning: the host runs ahead
         t = time.perf_counter()
@@ -353,11 +358,76 @@ def probe_overhead() -> None:
         with _OpCount() as count:
             step()
         print(f"{n:>9,} {gpu * 1e3:>8.2f} {host * 1e3:>16.2f} {count.calls:>13}")
+        kernel_table(step)
+
+
+def probe_strided() -> None:
+    """Can cuDNN read a branch's dilated positions in place? Its forward + backward on the
+    strided views of dilated_parts (one call per head group) against the gathered copy."""
+    from longvit.attention.backends import BACKENDS
+    from longvit.attention.layout import BranchLayout, dilated_parts, gather_segments
+
+    cudnn = BACKENDS["cudnn"]
+    head = f"{'tokens':>9} {'w':>8} {'r':>3} {'gathered ms':>12} {'in place ms':>12}"
+    print(f"{head} {'max diff':>9}")
+    for n, w, r in [(262144, 262144, 16), (262144, 65536, 8), (262144, 4096, 2), (65536, 16384, 8)]:
+        lay = BranchLayout.of(n, 12, w, r)
+        rows = [
+            torch.randn(n // w, w, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+        ]
+        go = torch.randn(n // w, 12, lay.m, 64, device="cuda", dtype=torch.bfloat16)
+
+        def gathered(lay=lay, rows=rows, go=go):
+            q, k, v = (gather_segments(t, lay).transpose(1, 2) for t in rows)
+            out, lse, st = cudnn.forward(q, k, v, None, False, 0.0, 0.125)
+            cudnn.backward(go, q, k, v, out, lse, None, False, 0.0, 0.125, st)
+            return out
+
+        def in_place(lay=lay, rows=rows, go=go):
+            outs = []
+            views = [dilated_parts(t, lay) for t in rows]
+            start = 0
+            for q, k, v in zip(*views):  # (C, m, groups, G', D) per run
+                c, m, groups, heads, d = q.shape
+                per = [[t[:, :, g].transpose(1, 2) for g in range(groups)] for t in (q, k, v)]
+                if heads == 1:  # one stride between groups: one call
+                    per = [[t.squeeze(3).transpose(1, 2)] for t in (q, k, v)]
+                for qg, kg, vg in zip(*per):
+                    h = qg.shape[1]
+                    out, lse, st = cudnn.forward(qg, kg, vg, None, False, 0.0, 0.125)
+                    dog = go[:, start : start + h]
+                    cudnn.backward(dog, qg, kg, vg, out, lse, None, False, 0.0, 0.125, st)
+                    outs.append(out)
+                    start += h
+            return torch.cat(outs, dim=1)
+
+        try:
+            diff = (gathered().float() - in_place().float()).abs().max().item()
+            t_in = _time(in_place, iters=10)
+        except Exception as e:  # noqa: BLE001
+            print(f"{n:>9,} {w:>8} {r:>3} in place failed: {type(e).__name__}: {str(e)[:150]}")
+            continue
+        t_g = _time(gathered, iters=10)
+        print(f"{n:>9,} {w:>8} {r:>3} {t_g * 1e3:>12.2f} {t_in * 1e3:>12.2f} {diff:>9.2e}")
+
+
+def kernel_table(fn, top: int = 14) -> None:
+    """GPU time of one call of fn by kernel name (the profiler's self device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"    GPU kernels: {total / 1e3:.2f} ms in all")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {e.self_device_time_total / 1e3:>8.2f} ms {e.count:>5}  {e.key[:90]}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    probes = ["kernels", "step", "norms", "preprocess", "overhead"]
+    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided"]
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -375,6 +445,8 @@ def main(argv=None) -> int:
         probe_preprocess()
     if "overhead" in args.probes:
         probe_overhead()
+    if "strided" in args.probes:
+        probe_strided()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     return 0

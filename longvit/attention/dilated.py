@@ -36,6 +36,7 @@ from longvit.attention.layout import (
     to_segments,
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
+from longvit.attention.strided_ops import add_rows, copy_rows, merge_rows
 
 
 @dataclass(frozen=True)
@@ -294,18 +295,6 @@ class _Shape(tuple):
         return obj
 
 
-def _merge_(out_v, lse_v, o, lse):
-    """Merge a branch (o, lse) into views of the accumulators (out_v, lse_v), in place.
-
-    out * sigmoid(lse_v - lse) + o * sigmoid(lse - lse_v) = lerp(out, o, sigmoid(lse - lse_v)):
-    the two-way softmax over denominators. Rows without keys carry NO_KEY (finite),
-    so no inf - inf ever appears: two such rows give weight 1/2 to two zeros.
-    """
-    delta = lse - lse_v
-    out_v.lerp_(o.to(out_v.dtype), torch.sigmoid(delta))
-    lse_v.copy_(torch.logaddexp(lse_v, lse))
-
-
 def _ordered(plan: _Plan):
     """Branches, a rate-1 branch first: it covers every (position, head), so the
     accumulators can start as its result instead of being merged into."""
@@ -376,20 +365,17 @@ def merge_kernel_output(acc_rows, lse_rows, o, lse, lay: BranchLayout, copy: boo
     acc_rows (C, w_padded, H, D), lse_rows (C, w_padded, H, 1) at the branch's positions."""
     parts_o, parts_l = dilated_parts(acc_rows, lay), dilated_parts(lse_rows, lay)
     src_o = _from_kernel(o, parts_o)
-    src_l = _from_kernel(lse.to(lse_rows.dtype).unsqueeze(-1), parts_l)
+    src_l = _from_kernel(lse.unsqueeze(-1), parts_l)
     for po, pl, so, sl in zip(parts_o, parts_l, src_o, src_l):
-        if copy:  # nothing merged yet: the branch's result is the merge
-            po.copy_(so)
-            pl.copy_(sl)
-        else:
-            _merge_(po, pl, so, sl)
+        # copy: nothing merged yet, the branch's result is the merge
+        merge_rows(po, pl, so, sl, copy)
 
 
 def add_kernel_grad(acc_rows, g, lay: BranchLayout, copy: bool) -> None:
     """Add (or copy) a kernel gradient g (C, H, m, D) into segment rows (C, w_padded, H, D)."""
     parts = dilated_parts(acc_rows, lay)
     for part, src in zip(parts, _from_kernel(g, parts)):
-        part.copy_(src) if copy else part.add_(src)
+        copy_rows(part, src) if copy else add_rows(part, src)
 
 
 # A query with no key in a branch gets this LSE (finite: merges stay free of inf - inf).

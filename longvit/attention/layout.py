@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longvit.attention.strided_ops import copy_rows
+
 
 @dataclass(frozen=True)
 class BranchLayout:
@@ -170,8 +172,15 @@ def gather_segments(xs: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
 
     A view for r == 1 where the leading dims merge; one copy otherwise."""
     parts = dilated_parts(xs, lay)
-    flat = [p.reshape(-1, lay.m, p.shape[-3] * p.shape[-2], p.shape[-1]) for p in parts]
-    out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=2)
+    x = xs.shape[-1]
+    if len(parts) == 1:
+        try:
+            return parts[0].view(-1, lay.m, lay.num_heads, x)
+        except RuntimeError:  # the positions are not one stride apart: copy them
+            pass
+    out = xs.new_empty(math.prod(xs.shape[:-3]), lay.m, lay.num_heads, x)
+    for part, dst in zip(parts, split_heads_like(out, parts)):
+        copy_rows(dst, part.reshape(-1, *part.shape[-4:]))
     return out
 
 

@@ -1,0 +1,156 @@
+"""The branch data movement of dilated attention as Triton kernels on CUDA.
+
+A branch reads and writes the sequence at its dilated positions through strided
+views (``layout.dilated_parts``): shape (C, m, groups, G', X), the last dim
+contiguous, the others with arbitrary strides. ATen copies such views with its
+generic element-wise kernels, which index every element and reach about half
+of the memory bandwidth; and a merge of a branch into the accumulators takes
+six of them (a cast, a difference, a sigmoid, a lerp, a logaddexp, a copy).
+
+Here each operation is one kernel over *rows* (the X contiguous values of one
+position and head), addressed by four strides per tensor:
+
+- ``copy_rows(dst, src)``: dst = src (a gather when src is a dilated view);
+- ``add_rows(dst, src)``: dst += src (a gradient into a dilated view);
+- ``merge_rows(acc, acc_lse, o, lse, copy)``: the two-way LSE merge of a branch
+  (o, lse) into float32 accumulators, in one pass.
+
+Each falls back to the ATen ops with the same values where Triton does not apply
+(CPU tensors, no Triton, a last dim that is not contiguous, inside torch.compile)
+or when ``LONGVIT_TRITON=0`` / ``set_triton(False)`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+_enabled = os.environ.get("LONGVIT_TRITON", "1") != "0"
+# Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: the tests' way
+# to check them without a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def set_triton(enable: bool = True) -> None:
+    """Turn the Triton kernels of the branch data movement on or off (for this process)."""
+    global _enabled
+    _enabled = bool(enable)
+
+
+@functools.cache
+def _kernels():
+    """(rows_kernel, merge_kernel), or None when Triton cannot be imported."""
+    try:
+        from longvit.attention import _strided_kernels as k
+    except Exception:  # noqa: BLE001 - any import failure means: use ATen
+        return None
+    return k.rows_kernel, k.merge_kernel
+
+
+_BLOCK_ELEMENTS = 4096  # values per program: BLOCK_R rows of BLOCK_X
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    if not _enabled or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if not (t.is_cuda or _INTERPRET) or t.dim() != 5 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            return False
+    return _kernels() is not None
+
+
+def _geometry(t: torch.Tensor):
+    """(rows, n1, n2, n3, X, BLOCK_X, BLOCK_R, grid) of a (n0, n1, n2, n3, X) tensor."""
+    n0, n1, n2, n3, x = t.shape
+    rows = n0 * n1 * n2 * n3
+    block_x = max(1, 1 << (x - 1).bit_length())
+    block_r = max(1, _BLOCK_ELEMENTS // block_x)
+    return rows, n1, n2, n3, x, block_x, block_r, ((rows + block_r - 1) // block_r,)
+
+
+def _on(device: torch.device):
+    """The CUDA device context for a launch (none for the interpreter's CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _strides(t: torch.Tensor):
+    return t.stride()[:4]
+
+
+def _rows(dst: torch.Tensor, src: torch.Tensor, add: bool) -> None:
+    rows, n1, n2, n3, x, block_x, block_r, grid = _geometry(dst)
+    if rows == 0:
+        return
+    rows_kernel, _ = _kernels()
+    with _on(dst.device):
+        rows_kernel[grid](
+            dst, src, rows, n1, n2, n3, *_strides(dst), *_strides(src),
+            X=x, BLOCK_X=block_x, BLOCK_R=block_r, ADD=add,
+        )  # fmt: skip
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
+    if dst.shape != src.shape:
+        raise ValueError(f"copy_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+    if _usable(dst, src):
+        _rows(dst, src, add=False)
+    else:
+        dst.copy_(src)
+
+
+def add_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.add_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
+    if dst.shape != src.shape:
+        raise ValueError(f"add_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+    if _usable(dst, src) and dst.dtype == src.dtype:
+        _rows(dst, src, add=True)
+    else:
+        dst.add_(src)
+
+
+def merge_rows(
+    acc: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, copy: bool
+) -> None:
+    """Merge a branch into the accumulators, in place.
+
+    acc (n0, n1, n2, n3, D) and acc_lse (n0, n1, n2, n3, 1): float32 views of the merged
+    output and LSE at the branch's positions; o (same shape as acc, any float dtype) and
+    lse (same shape as acc_lse): the branch's output and LSE. With ``copy`` nothing has
+    been merged there yet and the branch's result is copied. Otherwise
+    acc = lerp(acc, o, sigmoid(lse - acc_lse)) and acc_lse = logaddexp(acc_lse, lse):
+    the softmax over the two denominators (rows with no key carry a finite NO_KEY LSE,
+    so no inf - inf appears).
+    """
+    if acc.shape != o.shape or acc_lse.shape != lse.shape:
+        raise ValueError(
+            f"merge_rows: acc {tuple(acc.shape)} / o {tuple(o.shape)} or acc_lse "
+            f"{tuple(acc_lse.shape)} / lse {tuple(lse.shape)} differ"
+        )
+    fast = acc.dtype == acc_lse.dtype == torch.float32 and _usable(acc, acc_lse, o, lse)
+    if not fast:
+        _merge_aten(acc, acc_lse, o, lse, copy)
+        return
+    rows, n1, n2, n3, x, block_x, block_r, grid = _geometry(acc)
+    if rows == 0:
+        return
+    _, merge_kernel = _kernels()
+    with _on(acc.device):
+        merge_kernel[grid](
+            acc, acc_lse, o, lse, rows, n1, n2, n3,
+            *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse),
+            X=x, BLOCK_X=block_x, BLOCK_R=block_r, COPY=copy,
+        )  # fmt: skip
+
+
+def _merge_aten(acc, acc_lse, o, lse, copy: bool) -> None:
+    if copy:
+        acc.copy_(o)
+        acc_lse.copy_(lse)
+        return
+    lse = lse.to(acc_lse.dtype)
+    acc.lerp_(o.to(acc.dtype), torch.sigmoid(lse - acc_lse))
+    acc_lse.copy_(torch.logaddexp(acc_lse, lse))
