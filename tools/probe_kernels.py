@@ -326,15 +326,17 @@ def probe_overhead() -> None:
     from longvit.attention import dilated_attention, strided_ops
 
     longvit_rates = [1, 2, 4, 8, 16]
-    configs = [
-        (65536, [1024, 4096, 8192, 16384, 65536], longvit_rates),
-        (262144, [1024, 4096, 16384, 65536, 262144], longvit_rates),
-        (2**20, [2048 * 2**i for i in range(10)], [2**i for i in range(10)]),  # LongNet's
+    configs = [  # tokens, heads, head dim, segments, rates
+        (65536, 12, 64, [1024, 4096, 8192, 16384, 65536], longvit_rates),
+        (262144, 12, 64, [1024, 4096, 16384, 65536, 262144], longvit_rates),
+        (2**20, 12, 64, [2048 * 2**i for i in range(10)], [2**i for i in range(10)]),  # LongNet
+        (2**20, 16, 24, [1024, 4096, 32768, 262144, 1048576], longvit_rates),
     ]
+    _launch_costs()
     print(f"{'tokens':>9} {'GPU ms':>8} {'host enqueue ms':>16} {'ops per step':>13}")
-    for n, ws, rates in configs:
+    for n, heads, dim, ws, rates in configs:
         q, k, v = (
-            torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(3)
         )
         go = torch.randn_like(q)
@@ -359,6 +361,24 @@ def probe_overhead() -> None:
             step()
         print(f"{n:>9,} {gpu * 1e3:>8.2f} {host * 1e3:>16.2f} {count.calls:>13}")
         kernel_table(step)
+
+
+def _launch_costs() -> None:
+    """Host time of one launch: the Triton row copy against ATen's copy_, on a tiny view."""
+    from longvit.attention import strided_ops
+
+    src = torch.randn(4, 8, 3, 2, 64, device="cuda", dtype=torch.bfloat16)[:, ::2]
+    dst = torch.empty(src.shape, device="cuda", dtype=torch.bfloat16)
+    for name, fn in [("Triton copy_rows", lambda: strided_ops.copy_rows(dst, src)),
+                     ("ATen copy_", lambda: dst.copy_(src))]:  # fmt: skip
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host = (time.perf_counter() - t) / 200
+        torch.cuda.synchronize()
+        print(f"launch cost, {name}: {host * 1e6:.1f} us of host time")
 
 
 def probe_strided() -> None:

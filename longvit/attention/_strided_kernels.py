@@ -1,32 +1,44 @@
-"""Triton kernels of ``strided_ops`` (imported only when Triton is; see that module)."""
+"""Triton kernels of ``strided_ops`` (imported only when Triton is; see that module).
+
+A tensor (n0, n1, n2, n3, X) is walked in tiles of (BLOCK_I1 positions, all n2 * n3 heads,
+X values): one program per tile, its (i0, i1 block) found with one scalar division, the head
+axis split into (group, head in group) by the compile-time G = n3, the X values contiguous.
+No per-element index arithmetic beyond that, so loads and stores stay vectorised.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _offsets(rows, n1, n2, n3, s0, s1, s2, s3):
-    r = rows.to(tl.int64)
-    i3 = r % n3
-    r = r // n3
-    i2 = r % n2
-    r = r // n2
-    i1 = r % n1
-    i0 = r // n1
-    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
+def _tile(pid, n1, n_heads, G: tl.constexpr, BLOCK_I1: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(i0 scalar, i1 (BLOCK_I1,), i2 and i3 (BLOCK_H,), row mask (BLOCK_I1, BLOCK_H))."""
+    blocks = tl.cdiv(n1, BLOCK_I1)
+    i0 = (pid // blocks).to(tl.int64)
+    i1 = (pid % blocks) * BLOCK_I1 + tl.arange(0, BLOCK_I1)
+    hh = tl.arange(0, BLOCK_H)
+    ok = (i1 < n1)[:, None] & (hh < n_heads)[None, :]
+    return i0, i1.to(tl.int64), (hh // G).to(tl.int64), (hh % G).to(tl.int64), ok
+
+
+@triton.jit
+def _at(i0, i1, i2, i3, s0, s1, s2, s3):
+    """Row offsets (BLOCK_I1, BLOCK_H) of a tensor with strides s0..s3."""
+    return i0 * s0 + i1[:, None] * s1 + (i2 * s2 + i3 * s3)[None, :]
 
 
 @triton.jit
 def rows_kernel(
-    dst, src, n_rows, n1, n2, n3,
+    dst, src, n1, n_heads,
     d0, d1, d2, d3, s0, s1, s2, s3,
-    X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, ADD: tl.constexpr,
+    G: tl.constexpr, X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_I1: tl.constexpr,
+    BLOCK_H: tl.constexpr, ADD: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i0, i1, i2, i3, ok = _tile(tl.program_id(0), n1, n_heads, G, BLOCK_I1, BLOCK_H)
     cols = tl.arange(0, BLOCK_X)
-    mask = (rows < n_rows)[:, None] & (cols < X)[None, :]
-    d_at = _offsets(rows, n1, n2, n3, d0, d1, d2, d3)[:, None] + cols[None, :]
-    s_at = _offsets(rows, n1, n2, n3, s0, s1, s2, s3)[:, None] + cols[None, :]
+    mask = ok[:, :, None] & (cols < X)[None, None, :]
+    d_at = _at(i0, i1, i2, i3, d0, d1, d2, d3)[:, :, None] + cols[None, None, :]
+    s_at = _at(i0, i1, i2, i3, s0, s1, s2, s3)[:, :, None] + cols[None, None, :]
     val = tl.load(src + s_at, mask=mask)
     if ADD:
         val = val.to(tl.float32) + tl.load(dst + d_at, mask=mask).to(tl.float32)
@@ -35,27 +47,26 @@ def rows_kernel(
 
 @triton.jit
 def merge_kernel(
-    acc, acc_lse, o, lse, n_rows, n1, n2, n3,
+    acc, acc_lse, o, lse, n1, n_heads,
     a0, a1, a2, a3, al0, al1, al2, al3, o0, o1, o2, o3, l0, l1, l2, l3,
-    X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, COPY: tl.constexpr,
+    G: tl.constexpr, X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_I1: tl.constexpr,
+    BLOCK_H: tl.constexpr, COPY: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i0, i1, i2, i3, ok = _tile(tl.program_id(0), n1, n_heads, G, BLOCK_I1, BLOCK_H)
     cols = tl.arange(0, BLOCK_X)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < X)[None, :]
-    a_at = _offsets(rows, n1, n2, n3, a0, a1, a2, a3)[:, None] + cols[None, :]
-    o_at = _offsets(rows, n1, n2, n3, o0, o1, o2, o3)[:, None] + cols[None, :]
-    al_at = _offsets(rows, n1, n2, n3, al0, al1, al2, al3)
-    new_lse = tl.load(lse + _offsets(rows, n1, n2, n3, l0, l1, l2, l3), mask=row_ok)
-    new_lse = new_lse.to(tl.float32)
+    mask = ok[:, :, None] & (cols < X)[None, None, :]
+    a_at = _at(i0, i1, i2, i3, a0, a1, a2, a3)[:, :, None] + cols[None, None, :]
+    o_at = _at(i0, i1, i2, i3, o0, o1, o2, o3)[:, :, None] + cols[None, None, :]
+    al_at = _at(i0, i1, i2, i3, al0, al1, al2, al3)
+    new_lse = tl.load(lse + _at(i0, i1, i2, i3, l0, l1, l2, l3), mask=ok).to(tl.float32)
     out = tl.load(o + o_at, mask=mask).to(tl.float32)
     if not COPY:
-        old_lse = tl.load(acc_lse + al_at, mask=row_ok)
+        old_lse = tl.load(acc_lse + al_at, mask=ok)
         # weight of the branch: sigmoid(new - old), the two-way softmax of denominators
         weight = 1.0 / (1.0 + tl.exp(old_lse - new_lse))
         old = tl.load(acc + a_at, mask=mask)
-        out = old + weight[:, None] * (out - old)
+        out = old + weight[:, :, None] * (out - old)
         hi = tl.maximum(old_lse, new_lse)
         new_lse = hi + tl.log(1.0 + tl.exp(-tl.abs(old_lse - new_lse)))
     tl.store(acc + a_at, out, mask=mask)
-    tl.store(acc_lse + al_at, new_lse, mask=row_ok)
+    tl.store(acc_lse + al_at, new_lse, mask=ok)

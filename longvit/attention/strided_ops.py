@@ -50,7 +50,10 @@ def _kernels():
     return k.rows_kernel, k.merge_kernel
 
 
-_BLOCK_ELEMENTS = 4096  # values per program: BLOCK_R rows of BLOCK_X
+_BLOCK_ELEMENTS = 4096  # values per program: BLOCK_I1 positions x BLOCK_H heads x BLOCK_X
+# Below this many elements a tensor goes through ATen: a Triton launch costs ~40 us of host
+# time against ATen's ~10 us, which small copies do not win back on the GPU.
+MIN_ELEMENTS = 2**22
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
@@ -59,21 +62,32 @@ def _usable(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if not (t.is_cuda or _INTERPRET) or t.dim() != 5 or (t.shape[-1] > 1 and t.stride(-1) != 1):
             return False
+    if not _INTERPRET and tensors[0].numel() < MIN_ELEMENTS:
+        return False
     return _kernels() is not None
 
 
 def _geometry(t: torch.Tensor):
-    """(rows, n1, n2, n3, X, BLOCK_X, BLOCK_R, grid) of a (n0, n1, n2, n3, X) tensor."""
+    """Launch geometry of a (n0, n1, n2, n3, X) tensor: (grid, n1, n2 * n3, constexprs)."""
     n0, n1, n2, n3, x = t.shape
-    rows = n0 * n1 * n2 * n3
-    block_x = max(1, 1 << (x - 1).bit_length())
-    block_r = max(1, _BLOCK_ELEMENTS // block_x)
-    return rows, n1, n2, n3, x, block_x, block_r, ((rows + block_r - 1) // block_r,)
+    block_x = 1 << (x - 1).bit_length()
+    block_h = 1 << (n2 * n3 - 1).bit_length()
+    block_i1 = max(1, min(_BLOCK_ELEMENTS // (block_x * block_h), 1 << (n1 - 1).bit_length()))
+    grid = (n0 * triton_cdiv(n1, block_i1),)
+    meta = {"G": n3, "X": x, "BLOCK_X": block_x, "BLOCK_I1": block_i1, "BLOCK_H": block_h}
+    return grid, n1, n2 * n3, meta
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def _on(device: torch.device):
-    """The CUDA device context for a launch (none for the interpreter's CPU tensors)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """The CUDA device context for a launch (none where the device is already current, or for
+    the interpreter's CPU tensors)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _strides(t: torch.Tensor):
@@ -81,14 +95,13 @@ def _strides(t: torch.Tensor):
 
 
 def _rows(dst: torch.Tensor, src: torch.Tensor, add: bool) -> None:
-    rows, n1, n2, n3, x, block_x, block_r, grid = _geometry(dst)
-    if rows == 0:
+    if dst.numel() == 0:
         return
+    grid, n1, n_heads, meta = _geometry(dst)
     rows_kernel, _ = _kernels()
     with _on(dst.device):
         rows_kernel[grid](
-            dst, src, rows, n1, n2, n3, *_strides(dst), *_strides(src),
-            X=x, BLOCK_X=block_x, BLOCK_R=block_r, ADD=add,
+            dst, src, n1, n_heads, *_strides(dst), *_strides(src), ADD=add, **meta
         )  # fmt: skip
 
 
@@ -134,15 +147,14 @@ def merge_rows(
     if not fast:
         _merge_aten(acc, acc_lse, o, lse, copy)
         return
-    rows, n1, n2, n3, x, block_x, block_r, grid = _geometry(acc)
-    if rows == 0:
+    if acc.numel() == 0:
         return
+    grid, n1, n_heads, meta = _geometry(acc)
     _, merge_kernel = _kernels()
     with _on(acc.device):
         merge_kernel[grid](
-            acc, acc_lse, o, lse, rows, n1, n2, n3,
-            *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse),
-            X=x, BLOCK_X=block_x, BLOCK_R=block_r, COPY=copy,
+            acc, acc_lse, o, lse, n1, n_heads,
+            *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse), COPY=copy, **meta,
         )  # fmt: skip
 
 
