@@ -229,6 +229,7 @@ def probe_preprocess(batch: int = 512) -> None:
     import timm
     import torch.nn.functional as F
 
+    from longvit.attention import strided_ops
     from longvit.extract.model import TilePreprocess, build_tile_encoder
 
     encoder = build_tile_encoder("vit_base_patch16_224", random_init=True, precision="bf16")
@@ -263,7 +264,10 @@ def probe_preprocess(batch: int = 512) -> None:
 
     rows = {}
     with torch.inference_mode():
-        rows["preprocess (resize 248, crop)"] = _time(lambda: pre(tiles), iters=20)
+        rows["preprocess, fused Triton kernel"] = _time(lambda: pre(tiles), iters=20)
+        strided_ops.set_triton(False)
+        rows["preprocess, ATen (resize 248, crop)"] = _time(lambda: pre(tiles), iters=20)
+        strided_ops.set_triton(True)
         rows["preprocess (crop_pct 1)"] = _time(lambda: no_resize(tiles), iters=20)
         rows["  uint8 -> float32 (channels_last)"] = _time(to_float, iters=20)
         rows["  resize, channels_last input"] = _time(lambda: resize(x_cl), iters=20)
@@ -363,6 +367,25 @@ def probe_overhead() -> None:
         kernel_table(step)
 
 
+def probe_layer(tokens: int = 2**20) -> None:
+    """One MultiheadDilatedAttention layer (dim 768, 12 heads, LongViT 32768 schedule) forward +
+    backward in bf16, as bench_attention times it: GPU time by kernel."""
+    from longvit.attention import MultiheadDilatedAttention
+
+    ws = [1024, 4096, 32768, 262144, 1048576]
+    layer = MultiheadDilatedAttention(768, 12, segment_lengths=ws, dilation_rates=[1, 2, 4, 8, 16])
+    layer = layer.cuda().to(torch.bfloat16)
+    x = torch.randn(1, tokens, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(gy)
+
+    print(f"layer, {tokens:,} tokens: {_time(step, iters=3) * 1e3:.1f} ms")
+    kernel_table(step, top=24)
+
+
 def _launch_costs() -> None:
     """Host time of one launch: the Triton row copy against ATen's copy_, on a tiny view."""
     from longvit.attention import strided_ops
@@ -447,7 +470,7 @@ def kernel_table(fn, top: int = 14) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided"]
+    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer"]
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -467,6 +490,8 @@ def main(argv=None) -> int:
         probe_overhead()
     if "strided" in args.probes:
         probe_strided()
+    if "layer" in args.probes:
+        probe_layer()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     return 0

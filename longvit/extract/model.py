@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longvit.extract.fused_preprocess import fused_resize_normalize
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
@@ -86,6 +88,9 @@ class Preprocessing:
 class TilePreprocess(nn.Module):
     """(B, H, W, 3) uint8 RGB tiles -> (B, 3, h, w) float32 normalised, channels_last.
 
+    A resize on the GPU runs as one Triton kernel (``fused_preprocess``) with F.interpolate's
+    own weights; elsewhere as F.interpolate, crop and a multiply-add.
+
     Equal to timm's evaluation transform on the same tiles up to resampling round-off (the
     resize runs on tensors with antialiasing, then rounds to whole pixel values as PIL does);
     when no resize is needed it is the same arithmetic up to float round-off: x / 255, then
@@ -107,19 +112,25 @@ class TilePreprocess(nn.Module):
         scale_h, scale_w = p.scale_size
         if p.crop_mode != "squash" and scale_h != scale_w:
             scale_h = scale_w = max(scale_h, scale_w)  # keep the tile square, crop the rest
+        top = int(round((scale_h - out_h) / 2.0))  # torchvision's CenterCrop offsets
+        left = int(round((scale_w - out_w) / 2.0))
+        scale = 1.0 / (255.0 * self.std)
+        shift = -self.mean / self.std
         if (scale_h, scale_w) != (tile_h, tile_w):
             mode = _INTERPOLATIONS[p.interpolation]
+            fused = fused_resize_normalize(
+                tiles_BHWC, (scale_h, scale_w), (out_h, out_w), (top, left), mode,
+                scale.flatten(), shift.flatten(),
+            )  # fmt: skip
+            if fused is not None:  # one Triton pass on the GPU
+                return fused
             extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
             x_BCHW = F.interpolate(x_BCHW.float(), size=(scale_h, scale_w), mode=mode, **extra)
             x_BCHW = x_BCHW.clamp_(0, 255).round_()
         if (scale_h, scale_w) != (out_h, out_w):
-            top = int(round((scale_h - out_h) / 2.0))  # torchvision's CenterCrop offsets
-            left = int(round((scale_w - out_w) / 2.0))
             x_BCHW = x_BCHW[..., top : top + out_h, left : left + out_w]
         # (x / 255 - mean) / std as one pass: x * (1 / (255 std)) + (-mean / std), reading the
         # uint8 (or resized float) pixels and writing float32 channels_last
-        scale = 1.0 / (255.0 * self.std)
-        shift = -self.mean / self.std
         out = torch.addcmul(shift, x_BCHW, scale)
         return out.contiguous(memory_format=torch.channels_last)
 
