@@ -53,7 +53,7 @@ def _kernels():
 _BLOCK_ELEMENTS = 4096  # values per program: BLOCK_I1 positions x BLOCK_H heads x BLOCK_X
 # Below this many elements a tensor goes through ATen: a Triton launch costs ~9 us of host
 # time against ATen's ~7 us (H200 host), which tiny copies do not win back on the GPU.
-MIN_ELEMENTS = 2**18
+MIN_ELEMENTS = 2**22
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
