@@ -21,13 +21,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+from longvit.attention import strided_ops  # one switch (LONGVIT_TRITON) for longvit's kernels
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 128  # output pixels per program
 
 
 def _enabled() -> bool:
-    from longvit.attention import strided_ops  # one switch for longvit's Triton kernels
-
     return strided_ops._enabled and not torch.compiler.is_compiling()
 
 
@@ -98,10 +98,11 @@ def fused_resize_normalize(
     if out.numel() == 0:
         return out
     tiles = tiles_BHWC.contiguous()
+    scale_C, shift_C = (t.to(dev, torch.float32).contiguous() for t in (scale_C, shift_C))
     grid = (b, (h_out * w_out + BLOCK - 1) // BLOCK)
-    kernel[grid](
-        tiles, out, y0, wy, x0, wx, scale_C.to(dev, torch.float32).contiguous(),
-        shift_C.to(dev, torch.float32).contiguous(), h_in, w_in,
-        H_OUT=h_out, W_OUT=w_out, KY=wy.shape[1], KX=wx.shape[1], BLOCK=BLOCK,
-    )  # fmt: skip
+    with strided_ops._on(dev):
+        kernel[grid](
+            tiles, out, y0, wy, x0, wx, scale_C, shift_C, h_in, w_in,
+            H_OUT=h_out, W_OUT=w_out, KY=wy.shape[1], KX=wx.shape[1], BLOCK=BLOCK,
+        )  # fmt: skip
     return out
