@@ -29,6 +29,7 @@ for stage in "${stages[@]}"; do
         wheels
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
             tests/test_models_norm.py tests/test_models_keep_attention.py \
+            tests/test_extract_preprocess.py tests/test_strided_ops.py \
             "tests/test_extract_features.py::test_features_on_gpu_equal_direct_model_call" \
             2>&1 | tail -15 ;;
     attention)
