@@ -173,15 +173,25 @@ def gather_segments(xs: torch.Tensor, lay: BranchLayout) -> torch.Tensor:
     A view for r == 1 where the leading dims merge; one copy otherwise."""
     parts = dilated_parts(xs, lay)
     x = xs.shape[-1]
-    if len(parts) == 1:
-        try:
-            return parts[0].view(-1, lay.m, lay.num_heads, x)
-        except RuntimeError:  # the positions are not one stride apart: copy them
-            pass
+    if len(parts) == 1 and _heads_merge(parts[0]):
+        return parts[0].reshape(-1, lay.m, lay.num_heads, x)  # a view
     out = xs.new_empty(math.prod(xs.shape[:-3]), lay.m, lay.num_heads, x)
     for part, dst in zip(parts, split_heads_like(out, parts)):
         copy_rows(dst, part.reshape(-1, *part.shape[-4:]))
     return out
+
+
+def _heads_merge(part: torch.Tensor) -> bool:
+    """Whether a view (*lead, m, groups, G', X) of dilated_parts flattens to (-1, m, H, X)
+    without a copy: the lead dims merge, and one stride steps over all H heads (one group,
+    one head per group, or groups exactly G' heads apart)."""
+    *lead, _, groups, heads, _ = part.shape
+    *lead_st, _, s_group, s_head, _ = part.stride()
+    heads_ok = groups == 1 or heads == 1 or s_group == heads * s_head
+    lead_ok = all(
+        lead_st[i] == lead_st[i + 1] * lead[i + 1] or lead[i] == 1 for i in range(len(lead) - 1)
+    )
+    return heads_ok and lead_ok
 
 
 def split_heads_like(src: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                     for result in pool.imap_unordered(_run_one, jobs):
                         results.append(result)
                         bar.update()
+                    # let the workers finish on their own: the terminate() of leaving the
+                    # block can deadlock on the task queue's lock when a worker is killed
+                    # while it waits for a task holding it (seen in CI: a hang after the
+                    # last slide). terminate() stays the path on errors and Ctrl-C.
+                    pool.close()
+                    pool.join()
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     print(format_report(results))
