@@ -1,5 +1,7 @@
 """TilePreprocess: resize, centre crop and normalisation against a float64 reference."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,12 @@ def test_resize_crop_equals_interpolate(interpolation, crop_pct, tile):
 def check_fused() -> None:
     """The Triton resize + crop + normalisation (under the interpreter, on CPU tensors) against
     the float64 reference, with the same criteria as the ATen path."""
+    from longvit.attention import strided_ops
     from longvit.extract import fused_preprocess
 
     assert fused_preprocess._kernel() is not None, "Triton did not import"
+    # a failing launch must not fall back quietly
+    warnings.simplefilter("error", strided_ops.TritonFallbackWarning)
     torch.manual_seed(0)
     size = 32  # output pixels (the interpreter is slow)
     cases = [("bicubic", 0.9, 32), ("bilinear", 0.875, 32), ("nearest", 0.95, 32),
@@ -116,7 +121,9 @@ def test_fused_kernel_on_gpu_equals_aten_path():
     p = preprocessing("bicubic", 0.9, size=224)
     tiles = torch.randint(0, 256, (16, 224, 224, 3), dtype=torch.uint8, device="cuda")
     pre = TilePreprocess(p).cuda()
-    got = pre(tiles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", strided_ops.TritonFallbackWarning)  # no quiet fallback
+        got = pre(tiles)
     strided_ops.set_triton(False)
     try:
         want = pre(tiles)

@@ -8,6 +8,7 @@ as a script. tests/test_attention_gpu.py runs the same comparison compiled, on C
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,8 @@ def check_ops() -> None:
     domain)."""
     torch.manual_seed(0)
     assert strided_ops._kernels() is not None, "Triton did not import"
+    # a failing launch must not fall back quietly
+    warnings.simplefilter("error", strided_ops.TritonFallbackWarning)
     # gathers, grad adds and merges on every run of a head-chunked layout
     for n, heads, w, r, start, total in [(64, 12, 16, 4, 0, None), (60, 5, 12, 8, 3, 12)]:
         lay = BranchLayout.of(n, heads, w, r, start, total)
@@ -112,6 +115,36 @@ def test_off_switch_and_cpu_fall_back_to_aten():
         y = torch.zeros_like(x)
         strided_ops.add_rows(y, x)
         assert torch.equal(y, x)
+    finally:
+        strided_ops.set_triton(True)
+
+
+class _Failing:
+    """A stand-in Triton kernel whose launch fails, as compiling for an unsupported GPU would."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("no compiler for this device")
+
+        return launch
+
+
+def test_a_failing_launch_warns_once_and_falls_back_to_aten(monkeypatch):
+    monkeypatch.setattr(strided_ops, "_usable", lambda *tensors: strided_ops._enabled)
+    monkeypatch.setattr(strided_ops, "_kernels", lambda: (_Failing(), _Failing()))
+    src = torch.randn(2, 4, 3, 2, 8)
+    dst = torch.zeros_like(src)
+    try:
+        warning = strided_ops.TritonFallbackWarning
+        with pytest.warns(warning, match="Triton kernel failed.*LONGVIT_TRITON=0"):
+            strided_ops.add_rows(dst, src)
+        assert torch.equal(dst, src)
+        assert not strided_ops._enabled
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning: ATen from now on
+            acc, acc_lse = torch.zeros(2, 4, 3, 2, 8), torch.zeros(2, 4, 3, 2, 1)
+            strided_ops.merge_rows(acc, acc_lse, src, torch.ones(2, 4, 3, 2, 1), copy=True)
+        assert torch.equal(acc, src) and bool((acc_lse == 1).all())
     finally:
         strided_ops.set_triton(True)
 

@@ -17,7 +17,8 @@ position and head), addressed by four strides per tensor:
 
 Each falls back to the ATen ops with the same values where Triton does not apply
 (CPU tensors, no Triton, a last dim that is not contiguous, inside torch.compile)
-or when ``LONGVIT_TRITON=0`` / ``set_triton(False)`` turns the kernels off.
+or when ``LONGVIT_TRITON=0`` / ``set_triton(False)`` turns the kernels off. A launch that
+fails (a GPU Triton cannot compile for) turns them off with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +35,10 @@ _enabled = os.environ.get("LONGVIT_TRITON", "1") != "0"
 # Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: the tests' way
 # to check them without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed to launch and longvit went back to ATen's kernels."""
 
 
 def set_triton(enable: bool = True) -> None:
@@ -94,24 +101,45 @@ def _strides(t: torch.Tensor):
     return t.stride()[:4]
 
 
-def _rows(dst: torch.Tensor, src: torch.Tensor, add: bool) -> None:
+def launched(launch: Callable[[], None], device: torch.device) -> bool:
+    """Run a Triton launch on device; False (after turning longvit's Triton kernels off with a
+    warning, once) when it fails, e.g. on a GPU or toolchain Triton cannot compile for. The
+    caller then does the same work with ATen. Compilation fails before anything is written."""
+    global _enabled
+    try:
+        with _on(device):
+            launch()
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure: fall back, say so once
+        _enabled = False
+        warnings.warn(
+            f"longvit: a Triton kernel failed ({type(error).__name__}: {str(error)[:300]}); "
+            "using ATen's kernels from now on (slower). Set LONGVIT_TRITON=0 to choose that "
+            "without this warning.",
+            TritonFallbackWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+def _rows(dst: torch.Tensor, src: torch.Tensor, add: bool) -> bool:
     if dst.numel() == 0:
-        return
+        return True
     grid, n1, n_heads, meta = _geometry(dst)
     rows_kernel, _ = _kernels()
-    with _on(dst.device):
-        rows_kernel[grid](
+    return launched(
+        lambda: rows_kernel[grid](
             dst, src, n1, n_heads, *_strides(dst), *_strides(src), ADD=add, **meta
-        )  # fmt: skip
+        ),
+        dst.device,
+    )  # fmt: skip
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
     if dst.shape != src.shape:
         raise ValueError(f"copy_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
-    if _usable(dst, src):
-        _rows(dst, src, add=False)
-    else:
+    if not (_usable(dst, src) and _rows(dst, src, add=False)):
         dst.copy_(src)
 
 
@@ -119,9 +147,7 @@ def add_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.add_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
     if dst.shape != src.shape:
         raise ValueError(f"add_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
-    if _usable(dst, src) and dst.dtype == src.dtype:
-        _rows(dst, src, add=True)
-    else:
+    if not (_usable(dst, src) and dst.dtype == src.dtype and _rows(dst, src, add=True)):
         dst.add_(src)
 
 
@@ -144,18 +170,21 @@ def merge_rows(
             f"{tuple(acc_lse.shape)} / lse {tuple(lse.shape)} differ"
         )
     fast = acc.dtype == acc_lse.dtype == torch.float32 and _usable(acc, acc_lse, o, lse)
+    if fast and acc.numel() == 0:
+        return
+    if fast:
+        grid, n1, n_heads, meta = _geometry(acc)
+        _, merge_kernel = _kernels()
+        fast = launched(
+            lambda: merge_kernel[grid](
+                acc, acc_lse, o, lse, n1, n_heads,
+                *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse),
+                COPY=copy, **meta,
+            ),
+            acc.device,
+        )  # fmt: skip
     if not fast:
         _merge_aten(acc, acc_lse, o, lse, copy)
-        return
-    if acc.numel() == 0:
-        return
-    grid, n1, n_heads, meta = _geometry(acc)
-    _, merge_kernel = _kernels()
-    with _on(acc.device):
-        merge_kernel[grid](
-            acc, acc_lse, o, lse, n1, n_heads,
-            *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse), COPY=copy, **meta,
-        )  # fmt: skip
 
 
 def _merge_aten(acc, acc_lse, o, lse, copy: bool) -> None:

@@ -9,8 +9,9 @@ the uint8 tile: out[b, c, y, x] = round(clamp(sum_i sum_j Wy[y, i] Wx[x, j] tile
 Wy and Wx are F.interpolate's own weights: the resize of an identity basis (so antialiasing,
 border handling and the interpolation mode are exactly that call's), stored per output
 pixel as the first source index and K weights. ``fused_resize_normalize`` returns None where
-the kernel does not apply (no Triton, CPU tensors outside Triton's interpreter, or
-``LONGVIT_TRITON=0``); the caller then runs the ATen passes.
+the kernel does not apply (no Triton, CPU tensors outside Triton's interpreter,
+``LONGVIT_TRITON=0``, or a launch that failed: see ``strided_ops.launched``); the caller then
+runs the ATen passes.
 """
 
 from __future__ import annotations
@@ -100,9 +101,11 @@ def fused_resize_normalize(
     tiles = tiles_BHWC.contiguous()
     scale_C, shift_C = (t.to(dev, torch.float32).contiguous() for t in (scale_C, shift_C))
     grid = (b, (h_out * w_out + BLOCK - 1) // BLOCK)
-    with strided_ops._on(dev):
-        kernel[grid](
+    ok = strided_ops.launched(
+        lambda: kernel[grid](
             tiles, out, y0, wy, x0, wx, scale_C, shift_C, h_in, w_in,
             H_OUT=h_out, W_OUT=w_out, KY=wy.shape[1], KX=wx.shape[1], BLOCK=BLOCK,
-        )  # fmt: skip
-    return out
+        ),
+        dev,
+    )  # fmt: skip
+    return out if ok else None
