@@ -7,8 +7,8 @@ generic element-wise kernels, which index every element and reach about half
 of the memory bandwidth; and a merge of a branch into the accumulators takes
 six of them (a cast, a difference, a sigmoid, a lerp, a logaddexp, a copy).
 
-Here each operation is one kernel over *rows* (the X contiguous values of one
-position and head), addressed by four strides per tensor:
+Here each operation is one kernel over tiles of *rows* (a row: the X contiguous values of
+one position and head; a tile: a few positions x all heads), four strides per tensor:
 
 - ``copy_rows(dst, src)``: dst = src (a gather when src is a dilated view);
 - ``add_rows(dst, src)``: dst += src (a gradient into a dilated view);
@@ -80,12 +80,12 @@ def _geometry(t: torch.Tensor):
     block_x = 1 << (x - 1).bit_length()
     block_h = 1 << (n2 * n3 - 1).bit_length()
     block_i1 = max(1, min(_BLOCK_ELEMENTS // (block_x * block_h), 1 << (n1 - 1).bit_length()))
-    grid = (n0 * triton_cdiv(n1, block_i1),)
+    grid = (n0 * _cdiv(n1, block_i1),)
     meta = {"G": n3, "X": x, "BLOCK_X": block_x, "BLOCK_I1": block_i1, "BLOCK_H": block_h}
     return grid, n1, n2 * n3, meta
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
