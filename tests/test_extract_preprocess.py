@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_under_interpreter
 
 from longvit.extract.model import Preprocessing, TilePreprocess
 
@@ -96,17 +97,7 @@ def check_fused() -> None:
 
 def test_fused_kernel_under_the_interpreter():
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, TRITON_INTERPRET="1", LONGVIT_TRITON="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = run_under_interpreter(__file__)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all checks passed" in run.stdout
 

@@ -5,14 +5,11 @@ to be set before Triton compiles anything: so the checks run in a child process,
 as a script. tests/test_attention_gpu.py runs the same comparison compiled, on CUDA.
 """
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_under_interpreter
 
 from longvit.attention import dilated_attention, dilated_attention_reference, strided_ops
 from longvit.attention.layout import BranchLayout, dilated_parts, gather_segments
@@ -94,12 +91,7 @@ def check_ops() -> None:
 
 def test_kernels_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", LONGVIT_TRITON="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = run_under_interpreter(__file__)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all checks passed" in run.stdout
 

@@ -6,8 +6,8 @@ forward (docs/benchmarks.md). Here every output pixel is computed in one pass st
 the uint8 tile: out[b, c, y, x] = round(clamp(sum_i sum_j Wy[y, i] Wx[x, j] tile[b, i, j, c]))
 * scale[c] + shift[c], written float32 channels_last, for the cropped pixels only.
 
-Wy and Wx are F.interpolate's own weights: the resize of an identity basis (so antialiasing,
-border handling and the interpolation mode are exactly that call's), stored per output
+Wy and Wx are F.interpolate's own weights (``longvit.interpolation``: antialiasing, border
+handling and the interpolation mode are exactly that call's), stored per output
 pixel as the first source index and K weights. ``fused_resize_normalize`` returns None where
 the kernel does not apply (no Triton, CPU tensors outside Triton's interpreter,
 ``LONGVIT_TRITON=0``, or a launch that failed: see ``strided_ops.launched``); the caller then
@@ -17,14 +17,12 @@ runs the ATen passes.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
-import torch.nn.functional as F
 
 from longvit.attention import strided_ops  # one switch (LONGVIT_TRITON) for longvit's kernels
+from longvit.interpolation import interpolation_matrix
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 128  # output pixels per program
 
 
@@ -46,12 +44,7 @@ def resize_taps(size_in: int, size_out: int, mode: str, start: int, count: int):
     """F.interpolate's 1-D weights from size_in to size_out pixels, for output pixels
     start..start+count-1: (first source index (count,) int32, weights (count, K) float32).
     ``mode``: "bicubic" or "bilinear" (antialiased, align_corners=False) or "nearest"."""
-    # sample i holds e_i along H; W is a dummy axis of 4 kept at 4 (a width of 1 takes another
-    # code path in F.interpolate, whose weights differ from the 2-D resize's)
-    basis = torch.eye(size_in, dtype=torch.float64)[:, None, :, None].expand(-1, 1, -1, 4)
-    extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-    w = F.interpolate(basis.contiguous(), size=(size_out, 4), mode=mode, **extra)
-    w = w[:, 0, :, 0].t()[start : start + count]  # (count, in)
+    w = interpolation_matrix(size_in, size_out, mode, torch.float64)[start : start + count]
     nonzero = w != 0
     first = torch.where(nonzero.any(1), nonzero.float().argmax(1), 0)
     last = size_in - 1 - nonzero.flip(1).float().argmax(1)
@@ -82,7 +75,7 @@ def fused_resize_normalize(
     """(B, H, W, 3) uint8 -> (B, 3, h, w) float32 channels_last: resize to scale_hw, crop
     out_hw at top_left, round to whole pixel values, then x * scale_C + shift_C per channel.
     None where the kernel does not apply."""
-    if not _enabled() or not (tiles_BHWC.is_cuda or _INTERPRET):
+    if not _enabled() or not (tiles_BHWC.is_cuda or strided_ops._INTERPRET):
         return None
     if tiles_BHWC.dtype != torch.uint8 or tiles_BHWC.dim() != 4 or tiles_BHWC.shape[-1] != 3:
         return None

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+
+from longvit.interpolation import interpolation_matrix
 
 
 def resample_pos_embed(
@@ -41,11 +42,7 @@ def _interp_taps(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
     sum_k weight[i, k] * input[index[i, k]]. Obtained by resizing the identity with
     the same F.interpolate call, so it is that call's operator, whatever kernel it uses.
     """
-    # channel j holds e_j along H; W is a dummy axis of 4 kept at 4 (a width of 1 takes
-    # another code path in F.interpolate that does not act like the 2-D resize)
-    basis = torch.eye(old, dtype=torch.float32)[None, :, :, None].expand(1, old, old, 4)
-    resized = F.interpolate(basis.contiguous(), size=(new, 4), mode="bicubic", antialias=True)
-    matrix = resized[0, :, :, 0].T.contiguous()  # (new, old)
+    matrix = interpolation_matrix(old, new, "bicubic", torch.float32)  # (new, old)
     nonzero = matrix != 0
     k = max(1, int(nonzero.sum(1).max()))
     # put each row's nonzero columns first; padding taps get weight 0
