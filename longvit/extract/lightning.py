@@ -257,6 +257,10 @@ def run_prediction(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own deprecation
         warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks")
+        # a process group Lightning creates for this run is ours to destroy: one left to the
+        # interpreter's exit can abort it ("terminate called without an active exception",
+        # seen with two CPU ranks over gloo); a group the caller set up stays
+        owned_group = not (dist.is_available() and dist.is_initialized())
         try:
             trainer = L.Trainer(
                 accelerator=accelerator,
@@ -272,6 +276,8 @@ def run_prediction(
             )
             trainer.predict(module, return_predictions=False)
             results = writer.finish(trainer, module)
+            if owned_group and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         finally:
             quiet.setLevel(level)
     return ExtractRun(
