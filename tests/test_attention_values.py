@@ -140,6 +140,65 @@ def test_chunked_kernel_calls_are_identical(monkeypatch, backend):
     monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 64)
     chunked = _compare(case, True, True, backend)
     torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-13)
+    # no padding, no mask: the windowed path, its rows cut into calls as well
+    case = SHAPES["LongViT rates"]
+    monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 2**27)
+    whole = _compare(case, True, False, backend)
+    monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 300)
+    assert all(len(step.pieces) == 1 for step in _steps(case))
+    chunked = _compare(case, True, False, backend)
+    torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-13)
+
+
+def _steps(case, **tensors):
+    """The op's kernel calls (and general-path branches) for a case's shapes."""
+    import longvit.attention.dilated as dilated
+
+    b, n, h, d, ws, rs = case
+    q = tensors.get("q", torch.zeros(b, n, h, d, dtype=torch.float64))
+    plan = dilated.make_plan(
+        n, d, q.device, q.dtype, ws, rs, causal=False, dropout_p=0.0, scale=None,
+        backend="math", sp_group=None, needs_grad=True,
+    )  # fmt: skip
+    return dilated._steps(plan, q, q, q, tensors.get("key_valid"))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_branches_of_equal_length_run_as_one_kernel_call(causal, monkeypatch):
+    """LongViT's rates on segments w * r have one m for every branch: the rate-1 branch is read
+    in place, the four others are gathered into one buffer and run as one kernel call."""
+    import longvit.attention.backends as backends
+
+    case = SHAPES["LongViT rates"]
+    steps = _steps(case)
+    assert [len(step.pieces) for step in steps] == [1, 4]
+    assert steps[0].is_view and steps[0].copy and not steps[1].copy
+    calls = []
+    forward = backends.MathBackend.forward
+    monkeypatch.setattr(
+        backends.MathBackend, "forward", lambda self, *a: calls.append(1) or forward(self, *a)
+    )
+    _compare(case, causal, False, "math")
+    assert len(calls) == 2
+
+
+def test_inputs_whose_batch_and_sequence_do_not_merge():
+    """q, k, v laid out (N, B, H, D) (a transposed batch): the general path, same values."""
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (
+        torch.randn(n, b, h, d, generator=g, dtype=torch.float64).transpose(0, 1).requires_grad_()
+        for _ in range(3)
+    )
+    assert all(isinstance(step, tuple) for step in _steps(SHAPES["LongViT rates"], q=q))
+    out = dilated_attention(q, k, v, ws, rs, causal=True)
+    ref = dilated_attention_reference(q, k, v, ws, rs, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(out)
+    for g1, g2 in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    ):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
 
 
 def test_packed_qkv_matches_separate():

@@ -76,7 +76,7 @@ def check_ops() -> None:
                 torch.testing.assert_close(part, a, rtol=1e-6, atol=1e-6)
                 torch.testing.assert_close(lse_part, al, rtol=1e-6, atol=1e-6)
     for case in CASES:
-        for causal, masked in [(False, False), (True, True), (False, True)]:
+        for causal, masked in [(False, False), (True, False), (True, True), (False, True)]:
             _, out, grads = _op(case, causal, masked, torch.float32, triton=True)
             (q, k, v, mask), out_aten, grads_aten = _op(case, causal, masked, torch.float32, False)
             torch.testing.assert_close(out, out_aten, rtol=1e-5, atol=1e-6)

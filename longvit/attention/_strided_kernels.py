@@ -1,9 +1,11 @@
 """Triton kernels of ``strided_ops`` (imported only when Triton is; see that module).
 
-A tensor (n0, n1, n2, n3, X) is walked in tiles of (BLOCK_I1 positions, all n2 * n3 heads,
-X values): one program per tile, its (i0, i1 block) found with one scalar division, the head
-axis split into (group, head in group) by the compile-time G = n3, the X values contiguous.
-No per-element index arithmetic beyond that, so loads and stores stay vectorised.
+Each tensor argument comes with an element offset from its data pointer (a window of a
+larger tensor, see ``strided_ops.Strided``). A window (n0, n1, n2, n3, X) is walked in tiles of
+(BLOCK_I1 positions, all n2 * n3 heads, X values): one program per tile, its (i0, i1 block)
+found with one scalar division, the head axis split into (group, head in group) by the
+compile-time G = n3, the X values contiguous. No per-element index arithmetic beyond that, so
+loads and stores stay vectorised.
 """
 
 import triton
@@ -29,7 +31,7 @@ def _at(i0, i1, i2, i3, s0, s1, s2, s3):
 
 @triton.jit
 def rows_kernel(
-    dst, src, n1, n_heads,
+    dst, src, dst_off, src_off, n1, n_heads,
     d0, d1, d2, d3, s0, s1, s2, s3,
     G: tl.constexpr, X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_I1: tl.constexpr,
     BLOCK_H: tl.constexpr, ADD: tl.constexpr,
@@ -39,6 +41,8 @@ def rows_kernel(
     mask = ok[:, :, None] & (cols < X)[None, None, :]
     d_at = _at(i0, i1, i2, i3, d0, d1, d2, d3)[:, :, None] + cols[None, None, :]
     s_at = _at(i0, i1, i2, i3, s0, s1, s2, s3)[:, :, None] + cols[None, None, :]
+    src += src_off
+    dst += dst_off
     val = tl.load(src + s_at, mask=mask)
     if ADD:
         val = val.to(tl.float32) + tl.load(dst + d_at, mask=mask).to(tl.float32)
@@ -47,12 +51,16 @@ def rows_kernel(
 
 @triton.jit
 def merge_kernel(
-    acc, acc_lse, o, lse, n1, n_heads,
+    acc, acc_lse, o, lse, acc_off, acc_lse_off, o_off, lse_off, n1, n_heads,
     a0, a1, a2, a3, al0, al1, al2, al3, o0, o1, o2, o3, l0, l1, l2, l3,
     G: tl.constexpr, X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_I1: tl.constexpr,
     BLOCK_H: tl.constexpr, COPY: tl.constexpr,
 ):  # fmt: skip
     i0, i1, i2, i3, ok = _tile(tl.program_id(0), n1, n_heads, G, BLOCK_I1, BLOCK_H)
+    acc += acc_off
+    acc_lse += acc_lse_off
+    o += o_off
+    lse += lse_off
     cols = tl.arange(0, BLOCK_X)
     mask = ok[:, :, None] & (cols < X)[None, None, :]
     a_at = _at(i0, i1, i2, i3, a0, a1, a2, a3)[:, :, None] + cols[None, None, :]

@@ -37,6 +37,14 @@ from longvit.attention.layout import (
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
 from longvit.attention.strided_ops import add_rows, copy_rows, merge_rows
+from longvit.attention.windows import (
+    buffer_views,
+    buffer_windows,
+    kernel_view,
+    kernel_windows,
+    mergeable,
+    token_windows,
+)
 
 
 @dataclass(frozen=True)
@@ -313,23 +321,147 @@ def _starts_covered(plan: _Plan, branches) -> bool:
     return r == 1 and _is_local(plan, w)
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One kernel call over segment rows of branches that need no padding and no key mask,
+    all with the same m (tokens per segment and head): ``pieces`` are (layout, c0, c1), rows
+    c0..c1 of that branch's B * S segment rows. Branches of equal m (LongViT's schedules have
+    several) run as one call on one gather buffer: fewer, larger kernel launches."""
+
+    pieces: tuple[tuple[BranchLayout, int, int], ...]
+    copy: bool  # the first branch, covering everything: copied into the accumulators
+
+    @property
+    def rows(self) -> int:
+        return sum(c1 - c0 for _, c0, c1 in self.pieces)
+
+    @property
+    def m(self) -> int:
+        return self.pieces[0][0].m
+
+    @property
+    def is_view(self) -> bool:
+        """A single rate-1 piece: the kernel reads q, k, v in place (no gather)."""
+        return len(self.pieces) == 1 and self.pieces[0][0].dilation_rate == 1
+
+
+def _steps(plan: _Plan, q, k, v, key_valid) -> list:
+    """The branches' work in order: a _Call where windows apply (local branch, no padding, no
+    key mask), else (w, r, copy) for the general path (padding, masks, sequence-parallel)."""
+    b, n, h, d = q.shape
+    branches = _ordered(plan)
+    first_copies = _starts_covered(plan, branches)
+    steps: list = []
+    batched: dict[int, int] = {}  # m -> index in steps of the batched call being filled
+    for index, (w, r) in enumerate(branches):
+        copy = index == 0 and first_copies
+        lay = plan.layout(n, h, w, r) if _is_local(plan, w) else None
+        if lay is None or key_valid is not None or not all(mergeable(t, lay) for t in (q, k, v)):
+            steps.append((w, r, copy))
+            continue
+        rows = b * lay.num_segments
+        if r > 1 and not copy and rows * lay.m * h * d <= CHUNK_ELEMENTS:
+            at = batched.get(lay.m)
+            if at is not None and (steps[at].rows + rows) * lay.m * h * d <= CHUNK_ELEMENTS:
+                steps[at] = _Call((*steps[at].pieces, (lay, 0, rows)), False)
+                continue
+            batched[lay.m] = len(steps)
+            steps.append(_Call(((lay, 0, rows),), False))
+            continue
+        steps.extend(_Call(((lay, c0, c1),), copy) for c0, c1 in _chunks(lay, rows, h * d))
+    return steps
+
+
 def _forward(q, k, v, key_valid, plan: _Plan):
     b, n, h, d = q.shape
     acc_dtype = accumulator_dtype(q.dtype)
-    branches = _ordered(plan)
-    first_copies = _starts_covered(plan, branches)
+    first_copies = _starts_covered(plan, _ordered(plan))
     alloc = torch.empty if first_copies else torch.zeros
     acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
     acc_lse = torch.full((b, n, h, 1), NO_KEY, dtype=acc_dtype, device=q.device)
+    steps = _steps(plan, q, k, v, key_valid)
     states: list = []
-    for index, (w, r) in enumerate(branches):
+    for step in steps:
+        if isinstance(step, _Call):
+            states.append(_call_forward(q, k, v, step, plan, acc, acc_lse))
+            continue
+        w, r, copy = step
         if _is_local(plan, w):
             lay = plan.layout(n, h, w, r)
-            copy = index == 0 and first_copies
             states.append(_local_forward(q, k, v, key_valid, lay, plan, acc, acc_lse, copy))
         else:
             states.append(plan.sp.branch_forward(q, k, v, key_valid, w, r, plan, acc, acc_lse))
-    return acc.to(q.dtype), acc_lse.squeeze(-1), states
+    return acc.to(q.dtype), acc_lse.squeeze(-1), (steps, states)
+
+
+def _gather(call: _Call, tensors) -> torch.Tensor:
+    """The call's positions of each (B, N, H, X) tensor, as one buffer (T, rows, m, H, X)."""
+    h, width = tensors[0].shape[2:]
+    buf = tensors[0].new_empty(len(tensors), call.rows, call.m, h, width)
+    at = 0
+    for lay, c0, c1 in call.pieces:
+        for index, t in enumerate(tensors):
+            for dst, src in zip(
+                buffer_windows(buf, index, lay, at, c1 - c0), token_windows(t, lay, c0, c1)
+            ):
+                copy_rows(dst, src)
+        at += c1 - c0
+    return buf
+
+
+def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
+    """The kernel's (rows, H, m, X) inputs of a call: views for a rate-1 piece, else a gather."""
+    if call.is_view:
+        lay, c0, c1 = call.pieces[0]
+        return [kernel_view(t, lay, c0, c1) for t in tensors]
+    return buffer_views(_gather(call, tensors))
+
+
+def _call_forward(q, k, v, call: _Call, plan: _Plan, acc, acc_lse):
+    """Run one call and merge its rows into acc (B, N, H, D), acc_lse (B, N, H, 1) in place."""
+    o, lse, state = plan.backend.forward(
+        *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
+    )
+    at = 0
+    for lay, c0, c1 in call.pieces:
+        for parts in zip(
+            token_windows(acc, lay, c0, c1),
+            token_windows(acc_lse, lay, c0, c1),
+            kernel_windows(o, lay, at, at + c1 - c0),
+            kernel_windows(lse, lay, at, at + c1 - c0),
+        ):
+            merge_rows(*parts, call.copy)
+        at += c1 - c0
+    return state
+
+
+def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, grads) -> None:
+    """The gradients of one call, added (copied for the first branch) into grads."""
+    tensors = (dout, q, k, v, out)
+    if call.is_view:
+        lay, c0, c1 = call.pieces[0]
+        lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1)
+    else:
+        lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
+        at = 0
+        for lay, c0, c1 in call.pieces:
+            for dst, src in zip(
+                kernel_windows(lse_k, lay, at, at + c1 - c0), token_windows(lse_b, lay, c0, c1)
+            ):
+                copy_rows(dst, src)
+            at += c1 - c0
+    branch_grads = plan.backend.backward(
+        *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
+        state,
+    )  # fmt: skip
+    at = 0
+    for lay, c0, c1 in call.pieces:
+        for g, bg in zip(grads, branch_grads):
+            for dst, src in zip(
+                token_windows(g, lay, c0, c1), kernel_windows(bg, lay, at, at + c1 - c0)
+            ):
+                copy_rows(dst, src) if call.copy else add_rows(dst, src)
+        at += c1 - c0
 
 
 def _local_forward(q, k, v, key_valid, lay, plan: _Plan, acc, acc_lse, copy: bool):
@@ -391,21 +523,22 @@ def backward_lse(lse: torch.Tensor) -> torch.Tensor:
 def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
     """Writes the exact gradients into grads = [dq, dk, dv] (B, N, H, D), which start empty."""
     n, h = q.shape[1:3]
-    branches = _ordered(plan)
-    first_copies = _starts_covered(plan, branches)
-    if not first_copies:
+    if not _starts_covered(plan, _ordered(plan)):
         for g in grads:
             g.zero_()
     lse_b = backward_lse(lse)
-    for index, ((w, r), branch_states) in enumerate(zip(branches, states)):
+    steps, step_states = states
+    for step, state in zip(steps, step_states):
+        if isinstance(step, _Call):
+            _call_backward(dout, q, k, v, out, lse_b, step, plan, state, grads)
+            continue
+        w, r, copy = step
         if _is_local(plan, w):
             lay = plan.layout(n, h, w, r)
-            copy = index == 0 and first_copies
-            _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, branch_states,
-                            grads, copy)  # fmt: skip
+            _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, state, grads, copy)
         else:
-            plan.sp.branch_backward(dout, q, k, v, out, lse_b, key_valid, w, r, plan,
-                                    branch_states, grads)  # fmt: skip
+            plan.sp.branch_backward(dout, q, k, v, out, lse_b, key_valid, w, r, plan, state,
+                                    grads)  # fmt: skip
 
 
 def _local_backward(dout, q, k, v, out, lse_b, key_valid, lay, plan, branch_states, grads, copy):

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -63,20 +65,53 @@ _BLOCK_ELEMENTS = 4096  # values per program: BLOCK_I1 positions x BLOCK_H heads
 MIN_ELEMENTS = 2**22
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
+class Strided(NamedTuple):
+    """A strided window of ``base``: what ``base.as_strided(shape, strides, offset)`` would view
+    (offset in elements from base's first element), without building the view. The kernels
+    take the base, the offset and the strides as numbers, so a caller that knows the layout
+    pays no PyTorch call per window."""
+
+    base: torch.Tensor
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Strided:
+        """The window that is all of t."""
+        return t if isinstance(t, Strided) else cls(t, 0, tuple(t.shape), t.stride())
+
+    def view(self) -> torch.Tensor:
+        """The window as a tensor view (the ATen path)."""
+        b = self.base
+        return b.as_strided(self.shape, self.strides, b.storage_offset() + self.offset)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+
+def _usable(*windows: torch.Tensor | Strided) -> bool:
     if not _enabled or torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if not (t.is_cuda or _INTERPRET) or t.dim() != 5 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+    windows = tuple(Strided.of(w) for w in windows)
+    for w in windows:
+        t = w.base
+        if not (t.is_cuda or _INTERPRET) or len(w.shape) != 5:
             return False
-    if not _INTERPRET and tensors[0].numel() < MIN_ELEMENTS:
+        if w.shape[-1] > 1 and w.strides[-1] != 1:
+            return False
+    if not _INTERPRET and windows[0].numel() < MIN_ELEMENTS:
         return False
     return _kernels() is not None
 
 
-def _geometry(t: torch.Tensor):
-    """Launch geometry of a (n0, n1, n2, n3, X) tensor: (grid, n1, n2 * n3, constexprs)."""
-    n0, n1, n2, n3, x = t.shape
+def _geometry(shape: tuple[int, ...]):
+    """Launch geometry of a (n0, n1, n2, n3, X) window: (grid, n1, n2 * n3, constexprs)."""
+    n0, n1, n2, n3, x = shape
     block_x = 1 << (x - 1).bit_length()
     block_h = 1 << (n2 * n3 - 1).bit_length()
     block_i1 = max(1, min(_BLOCK_ELEMENTS // (block_x * block_h), 1 << (n1 - 1).bit_length()))
@@ -95,10 +130,6 @@ def _on(device: torch.device):
     if device.type != "cuda" or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
-
-
-def _strides(t: torch.Tensor):
-    return t.stride()[:4]
 
 
 def launched(launch: Callable[[], None], device: torch.device) -> bool:
@@ -122,49 +153,62 @@ def launched(launch: Callable[[], None], device: torch.device) -> bool:
         return False
 
 
-def _rows(dst: torch.Tensor, src: torch.Tensor, add: bool) -> bool:
+def _rows(dst: Strided, src: Strided, add: bool) -> bool:
     if dst.numel() == 0:
         return True
-    grid, n1, n_heads, meta = _geometry(dst)
+    grid, n1, n_heads, meta = _geometry(dst.shape)
     rows_kernel, _ = _kernels()
     return launched(
         lambda: rows_kernel[grid](
-            dst, src, n1, n_heads, *_strides(dst), *_strides(src), ADD=add, **meta
+            dst.base, src.base, dst.offset, src.offset, n1, n_heads,
+            *dst.strides[:4], *src.strides[:4], ADD=add, **meta,
         ),
-        dst.device,
+        dst.base.device,
     )  # fmt: skip
 
 
-def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
-    if dst.shape != src.shape:
-        raise ValueError(f"copy_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+def _same_shape(name: str, dst: Strided, src: Strided) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{name}: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+
+
+def copy_rows(dst: torch.Tensor | Strided, src: torch.Tensor | Strided) -> None:
+    """dst.copy_(src) for two (n0, n1, n2, n3, X) tensors or windows of one shape, any
+    strides."""
+    dst, src = Strided.of(dst), Strided.of(src)
+    _same_shape("copy_rows", dst, src)
     if not (_usable(dst, src) and _rows(dst, src, add=False)):
-        dst.copy_(src)
+        dst.view().copy_(src.view())
 
 
-def add_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.add_(src) for two (n0, n1, n2, n3, X) tensors of one shape, any strides."""
-    if dst.shape != src.shape:
-        raise ValueError(f"add_rows: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+def add_rows(dst: torch.Tensor | Strided, src: torch.Tensor | Strided) -> None:
+    """dst.add_(src) for two (n0, n1, n2, n3, X) tensors or windows of one shape, any
+    strides."""
+    dst, src = Strided.of(dst), Strided.of(src)
+    _same_shape("add_rows", dst, src)
     if not (_usable(dst, src) and dst.dtype == src.dtype and _rows(dst, src, add=True)):
-        dst.add_(src)
+        dst.view().add_(src.view())
 
 
 def merge_rows(
-    acc: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, copy: bool
+    acc: torch.Tensor | Strided,
+    acc_lse: torch.Tensor | Strided,
+    o: torch.Tensor | Strided,
+    lse: torch.Tensor | Strided,
+    copy: bool,
 ) -> None:
     """Merge a branch into the accumulators, in place.
 
-    acc (n0, n1, n2, n3, D) and acc_lse (n0, n1, n2, n3, 1): float32 views of the merged
-    output and LSE at the branch's positions; o (same shape as acc, any float dtype) and
-    lse (same shape as acc_lse): the branch's output and LSE. With ``copy`` nothing has
-    been merged there yet and the branch's result is copied. Otherwise
+    acc (n0, n1, n2, n3, D) and acc_lse (n0, n1, n2, n3, 1): float32 views (or windows) of
+    the merged output and LSE at the branch's positions; o (same shape as acc, any float
+    dtype) and lse (same shape as acc_lse): the branch's output and LSE. With ``copy``
+    nothing has been merged there yet and the branch's result is copied. Otherwise
     acc = lerp(acc, o, sigmoid(lse - acc_lse)) and acc_lse = logaddexp(acc_lse, lse):
     the softmax over the two denominators (rows with no key carry a finite NO_KEY LSE,
     so no inf - inf appears).
     """
-    if acc.shape != o.shape or acc_lse.shape != lse.shape:
+    acc, acc_lse, o, lse = (Strided.of(t) for t in (acc, acc_lse, o, lse))
+    if tuple(acc.shape) != tuple(o.shape) or tuple(acc_lse.shape) != tuple(lse.shape):
         raise ValueError(
             f"merge_rows: acc {tuple(acc.shape)} / o {tuple(o.shape)} or acc_lse "
             f"{tuple(acc_lse.shape)} / lse {tuple(lse.shape)} differ"
@@ -173,18 +217,19 @@ def merge_rows(
     if fast and acc.numel() == 0:
         return
     if fast:
-        grid, n1, n_heads, meta = _geometry(acc)
+        grid, n1, n_heads, meta = _geometry(acc.shape)
         _, merge_kernel = _kernels()
         fast = launched(
             lambda: merge_kernel[grid](
-                acc, acc_lse, o, lse, n1, n_heads,
-                *_strides(acc), *_strides(acc_lse), *_strides(o), *_strides(lse),
+                acc.base, acc_lse.base, o.base, lse.base,
+                acc.offset, acc_lse.offset, o.offset, lse.offset, n1, n_heads,
+                *acc.strides[:4], *acc_lse.strides[:4], *o.strides[:4], *lse.strides[:4],
                 COPY=copy, **meta,
             ),
-            acc.device,
+            acc.base.device,
         )  # fmt: skip
     if not fast:
-        _merge_aten(acc, acc_lse, o, lse, copy)
+        _merge_aten(acc.view(), acc_lse.view(), o.view(), lse.view(), copy)
 
 
 def _merge_aten(acc, acc_lse, o, lse, copy: bool) -> None:
