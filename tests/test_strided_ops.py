@@ -75,6 +75,15 @@ def check_ops() -> None:
                 strided_ops.merge_rows(part, lse_part, o, lse, copy)
                 torch.testing.assert_close(part, a, rtol=1e-6, atol=1e-6)
                 torch.testing.assert_close(lse_part, al, rtol=1e-6, atol=1e-6)
+    # several windows per launch: separate tensors (their data pointers apart), views with offsets
+    srcs = [torch.randn(2, 9, 4, 3, 8)[:, 1:8:2] for _ in range(3)]
+    dsts = [torch.zeros(2, 4, 3, 5, 8).permute(0, 3, 1, 2, 4)[:, 1:] for _ in range(3)]
+    assert strided_ops._deltas([strided_ops.Strided.of(t) for t in dsts]) is not None
+    for add in (False, True):
+        want = [d + s if add else s.clone() for d, s in zip(dsts, srcs)]
+        (strided_ops.add_rows_many if add else strided_ops.copy_rows_many)(dsts, srcs)
+        for d, w in zip(dsts, want):
+            torch.testing.assert_close(d, w, rtol=0, atol=0)
     for case in CASES:
         for causal, masked in [(False, False), (True, False), (True, True), (False, True)]:
             _, out, grads = _op(case, causal, masked, torch.float32, triton=True)

@@ -45,6 +45,21 @@ def _time(fn, iters=5):
     return (time.perf_counter() - t) / iters
 
 
+def _synced_median(fn, iters=20) -> float:
+    """Median seconds of fn() started on an idle GPU (CUDA events; a sync before each)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def probe_kernels(total_tokens: int, lengths: list[int]) -> None:
     from longvit.attention.backends import BACKENDS
 
@@ -354,6 +369,9 @@ def probe_overhead() -> None:
         strided_ops.set_triton(True)
         gpu = _time(step, iters=10)
         print(f"{n:>9,} ATen data movement {aten_gpu * 1e3:.2f} ms, Triton {gpu * 1e3:.2f} ms")
+        synced = _synced_median(step)
+        print(f"{n:>9,} one step from an idle GPU (as bench_attention times it): "
+              f"{synced * 1e3:.2f} ms; back to back {gpu * 1e3:.2f} ms")  # fmt: skip
         torch.cuda.synchronize()
         torch.cuda._sleep(int(2e9))  # ~1 s of GPU spinning: the host runs ahead
         t = time.perf_counter()

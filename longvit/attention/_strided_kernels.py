@@ -30,12 +30,21 @@ def _at(i0, i1, i2, i3, s0, s1, s2, s3):
 
 
 @triton.jit
+def _pick(t, a1, a2, a3, a4):
+    """a_t for t in 1..4, 0 for t == 0 (the offset of the t-th window from the first)."""
+    return tl.where(t == 1, a1, tl.where(t == 2, a2, tl.where(t == 3, a3, tl.where(t == 4, a4, 0))))
+
+
+@triton.jit
 def rows_kernel(
     dst, src, dst_off, src_off, n1, n_heads,
     d0, d1, d2, d3, s0, s1, s2, s3,
+    dt1, dt2, dt3, dt4, st1, st2, st3, st4,
     G: tl.constexpr, X: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_I1: tl.constexpr,
-    BLOCK_H: tl.constexpr, ADD: tl.constexpr,
+    BLOCK_H: tl.constexpr, ADD: tl.constexpr, T: tl.constexpr,
 ):  # fmt: skip
+    """T windows of one shape and strides per side at once (program axis 1 picks the window:
+    dt*, st* are the element offsets of windows 1..T-1 from window 0)."""
     i0, i1, i2, i3, ok = _tile(tl.program_id(0), n1, n_heads, G, BLOCK_I1, BLOCK_H)
     cols = tl.arange(0, BLOCK_X)
     mask = ok[:, :, None] & (cols < X)[None, None, :]
@@ -43,6 +52,10 @@ def rows_kernel(
     s_at = _at(i0, i1, i2, i3, s0, s1, s2, s3)[:, :, None] + cols[None, None, :]
     src += src_off
     dst += dst_off
+    if T > 1:
+        t = tl.program_id(1)
+        src += _pick(t, st1, st2, st3, st4)
+        dst += _pick(t, dt1, dt2, dt3, dt4)
     val = tl.load(src + s_at, mask=mask)
     if ADD:
         val = val.to(tl.float32) + tl.load(dst + d_at, mask=mask).to(tl.float32)

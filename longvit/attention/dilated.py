@@ -36,7 +36,13 @@ from longvit.attention.layout import (
     to_segments,
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
-from longvit.attention.strided_ops import add_rows, copy_rows, merge_rows
+from longvit.attention.strided_ops import (
+    add_rows,
+    add_rows_many,
+    copy_rows,
+    copy_rows_many,
+    merge_rows,
+)
 from longvit.attention.windows import (
     buffer_views,
     buffer_windows,
@@ -345,24 +351,39 @@ class _Call:
         return len(self.pieces) == 1 and self.pieces[0][0].dilation_rate == 1
 
 
+# Batched calls of several branches stay below the largest gathered call the schedule makes
+# anyway (so batching adds no memory), or below this many elements per tensor where that is
+# larger: small branches, whose launches and tails cost the most, always batch.
+BATCH_FLOOR = 2**26
+
+
 def _steps(plan: _Plan, q, k, v, key_valid) -> list:
     """The branches' work in order: a _Call where windows apply (local branch, no padding, no
     key mask), else (w, r, copy) for the general path (padding, masks, sequence-parallel)."""
     b, n, h, d = q.shape
     branches = _ordered(plan)
     first_copies = _starts_covered(plan, branches)
+    lays = []
+    for w, r in branches:
+        lay = plan.layout(n, h, w, r) if _is_local(plan, w) else None
+        plain = lay is not None and key_valid is None
+        lays.append(lay if plain and all(mergeable(t, lay) for t in (q, k, v)) else None)
+    size = [0 if lay is None else b * lay.num_segments * lay.m * h * d for lay in lays]
+    gathered = [
+        min(s, CHUNK_ELEMENTS) for s, lay in zip(size, lays) if lay and lay.dilation_rate > 1
+    ]
+    budget = min(CHUNK_ELEMENTS, max([BATCH_FLOOR, *gathered]))
     steps: list = []
     batched: dict[int, int] = {}  # m -> index in steps of the batched call being filled
-    for index, (w, r) in enumerate(branches):
+    for index, ((w, r), lay) in enumerate(zip(branches, lays)):
         copy = index == 0 and first_copies
-        lay = plan.layout(n, h, w, r) if _is_local(plan, w) else None
-        if lay is None or key_valid is not None or not all(mergeable(t, lay) for t in (q, k, v)):
+        if lay is None:
             steps.append((w, r, copy))
             continue
         rows = b * lay.num_segments
-        if r > 1 and not copy and rows * lay.m * h * d <= CHUNK_ELEMENTS:
+        if r > 1 and not copy and size[index] <= budget:
             at = batched.get(lay.m)
-            if at is not None and (steps[at].rows + rows) * lay.m * h * d <= CHUNK_ELEMENTS:
+            if at is not None and (steps[at].rows + rows) * lay.m * h * d <= budget:
                 steps[at] = _Call((*steps[at].pieces, (lay, 0, rows)), False)
                 continue
             batched[lay.m] = len(steps)
@@ -400,11 +421,10 @@ def _gather(call: _Call, tensors) -> torch.Tensor:
     buf = tensors[0].new_empty(len(tensors), call.rows, call.m, h, width)
     at = 0
     for lay, c0, c1 in call.pieces:
-        for index, t in enumerate(tensors):
-            for dst, src in zip(
-                buffer_windows(buf, index, lay, at, c1 - c0), token_windows(t, lay, c0, c1)
-            ):
-                copy_rows(dst, src)
+        dsts = [buffer_windows(buf, i, lay, at, c1 - c0) for i in range(len(tensors))]
+        srcs = [token_windows(t, lay, c0, c1) for t in tensors]
+        for run in range(len(lay.runs)):  # all tensors' windows of a run: one launch
+            copy_rows_many([d[run] for d in dsts], [s[run] for s in srcs])
         at += c1 - c0
     return buf
 
@@ -440,7 +460,7 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
     tensors = (dout, q, k, v, out)
     if call.is_view:
         lay, c0, c1 = call.pieces[0]
-        lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1)
+        lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1).contiguous()  # kernels want (C, H, w)
     else:
         lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
         at = 0
@@ -454,13 +474,13 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
         *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
         state,
     )  # fmt: skip
+    move = copy_rows_many if call.copy else add_rows_many
     at = 0
     for lay, c0, c1 in call.pieces:
-        for g, bg in zip(grads, branch_grads):
-            for dst, src in zip(
-                token_windows(g, lay, c0, c1), kernel_windows(bg, lay, at, at + c1 - c0)
-            ):
-                copy_rows(dst, src) if call.copy else add_rows(dst, src)
+        dsts = [token_windows(g, lay, c0, c1) for g in grads]
+        srcs = [kernel_windows(bg, lay, at, at + c1 - c0) for bg in branch_grads]
+        for run in range(len(lay.runs)):  # dq, dk and dv of a run: one launch
+            move([d[run] for d in dsts], [s[run] for s in srcs])
         at += c1 - c0
 
 

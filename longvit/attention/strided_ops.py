@@ -153,15 +153,40 @@ def launched(launch: Callable[[], None], device: torch.device) -> bool:
         return False
 
 
-def _rows(dst: Strided, src: Strided, add: bool) -> bool:
+MAX_WINDOWS = 5  # windows per side that one launch of the rows kernel moves
+
+
+def _deltas(windows: list[Strided]) -> list[int] | None:
+    """Element offsets of windows 1.. from window 0 (across tensors: data pointers apart), or
+    None when they cannot share a launch (shapes, strides or dtypes differ)."""
+    first = windows[0]
+    size = first.base.element_size()
+    ptr0 = first.base.data_ptr()
+    out = []
+    for w in windows[1:]:
+        if w.shape != first.shape or w.strides != first.strides or w.dtype != first.dtype:
+            return None
+        apart = w.base.data_ptr() - ptr0
+        if apart % size or w.base.device != first.base.device:
+            return None
+        out.append(apart // size + w.offset - first.offset)
+    return out
+
+
+def _rows(dsts: list[Strided], srcs: list[Strided], add: bool) -> bool:
+    """One launch for up to MAX_WINDOWS (dst, src) pairs of one shape; False if it failed."""
+    dst, src = dsts[0], srcs[0]
     if dst.numel() == 0:
         return True
+    pad = [0] * (MAX_WINDOWS - len(dsts))
+    d_apart, s_apart = _deltas(dsts) + pad, _deltas(srcs) + pad
     grid, n1, n_heads, meta = _geometry(dst.shape)
     rows_kernel, _ = _kernels()
     return launched(
-        lambda: rows_kernel[grid](
+        lambda: rows_kernel[(grid[0], len(dsts))](
             dst.base, src.base, dst.offset, src.offset, n1, n_heads,
-            *dst.strides[:4], *src.strides[:4], ADD=add, **meta,
+            *dst.strides[:4], *src.strides[:4], *d_apart, *s_apart,
+            ADD=add, T=len(dsts), **meta,
         ),
         dst.base.device,
     )  # fmt: skip
@@ -172,22 +197,48 @@ def _same_shape(name: str, dst: Strided, src: Strided) -> None:
         raise ValueError(f"{name}: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
 
 
+def _move(name: str, dsts, srcs, add: bool) -> None:
+    dsts, srcs = [Strided.of(t) for t in dsts], [Strided.of(t) for t in srcs]
+    for dst, src in zip(dsts, srcs, strict=True):
+        _same_shape(name, dst, src)
+    fast = (
+        _usable(*dsts, *srcs)
+        and (not add or all(d.dtype == s.dtype for d, s in zip(dsts, srcs)))
+        and len(dsts) <= MAX_WINDOWS
+        and _deltas(dsts) is not None
+        and _deltas(srcs) is not None
+    )
+    if fast and _rows(dsts, srcs, add):
+        return
+    if len(dsts) > 1 and _enabled:  # one launch each (or ATen, window by window)
+        for dst, src in zip(dsts, srcs):
+            _move(name, [dst], [src], add)
+        return
+    for dst, src in zip(dsts, srcs):
+        dst.view().add_(src.view()) if add else dst.view().copy_(src.view())
+
+
 def copy_rows(dst: torch.Tensor | Strided, src: torch.Tensor | Strided) -> None:
     """dst.copy_(src) for two (n0, n1, n2, n3, X) tensors or windows of one shape, any
     strides."""
-    dst, src = Strided.of(dst), Strided.of(src)
-    _same_shape("copy_rows", dst, src)
-    if not (_usable(dst, src) and _rows(dst, src, add=False)):
-        dst.view().copy_(src.view())
+    _move("copy_rows", [dst], [src], add=False)
 
 
 def add_rows(dst: torch.Tensor | Strided, src: torch.Tensor | Strided) -> None:
     """dst.add_(src) for two (n0, n1, n2, n3, X) tensors or windows of one shape, any
     strides."""
-    dst, src = Strided.of(dst), Strided.of(src)
-    _same_shape("add_rows", dst, src)
-    if not (_usable(dst, src) and dst.dtype == src.dtype and _rows(dst, src, add=True)):
-        dst.view().add_(src.view())
+    _move("add_rows", [dst], [src], add=True)
+
+
+def copy_rows_many(dsts, srcs) -> None:
+    """copy_rows for each pair; windows with one shape and strides per side (q, k and v of
+    a branch) move in one launch."""
+    _move("copy_rows", dsts, srcs, add=False)
+
+
+def add_rows_many(dsts, srcs) -> None:
+    """add_rows for each pair, in one launch where copy_rows_many would use one."""
+    _move("add_rows", dsts, srcs, add=True)
 
 
 def merge_rows(
