@@ -385,6 +385,37 @@ def probe_overhead() -> None:
         kernel_table(step)
 
 
+def probe_tiles() -> None:
+    """The op's time for several tile sizes of the data-movement kernels (values per program)."""
+    from longvit.attention import dilated_attention, strided_ops
+
+    rates = [1, 2, 4, 8, 16]
+    configs = [
+        (65536, [1024, 4096, 8192, 16384, 65536]),
+        (262144, [1024, 4096, 16384, 65536, 262144]),
+    ]
+    default = strided_ops._BLOCK_ELEMENTS
+    for n, ws in configs:
+        q, k, v = (
+            torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        go = torch.randn_like(q)
+
+        def step(q=q, k=k, v=v, go=go, ws=ws):
+            out = dilated_attention(q, k, v, ws, rates)
+            torch.autograd.grad(out, (q, k, v), go)
+
+        for block in (2048, 4096, 8192, 16384):
+            strided_ops._BLOCK_ELEMENTS = block
+            strided_ops._geometry.cache_clear()
+            b2b = _time(step, iters=20)
+            print(f"{n:>9,} tile {block:>6} values: back to back {b2b * 1e3:.2f} ms, "
+                  f"from an idle GPU {_synced_median(step) * 1e3:.2f} ms")  # fmt: skip
+    strided_ops._BLOCK_ELEMENTS = default
+    strided_ops._geometry.cache_clear()
+
+
 def probe_layer(tokens: int = 2**20) -> None:
     """One MultiheadDilatedAttention layer (dim 768, 12 heads, LongViT 32768 schedule) forward +
     backward in bf16, as bench_attention times it: GPU time by kernel."""
@@ -488,7 +519,7 @@ def kernel_table(fn, top: int = 14) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer"]
+    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles"]
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -512,6 +543,8 @@ def main(argv=None) -> int:
         probe_layer()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
+    if "tiles" in args.probes:
+        probe_tiles()
     return 0
 
 

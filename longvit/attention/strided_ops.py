@@ -79,7 +79,7 @@ class Strided(NamedTuple):
     @classmethod
     def of(cls, t: torch.Tensor) -> Strided:
         """The window that is all of t."""
-        return t if isinstance(t, Strided) else cls(t, 0, tuple(t.shape), t.stride())
+        return t if type(t) is Strided else cls(t, 0, tuple(t.shape), t.stride())
 
     def view(self) -> torch.Tensor:
         """The window as a tensor view (the ATen path)."""
@@ -94,21 +94,25 @@ class Strided(NamedTuple):
         return self.base.dtype
 
 
-def _usable(*windows: torch.Tensor | Strided) -> bool:
+def _usable(*windows: torch.Tensor | Strided, elements: int | None = None) -> bool:
+    """Whether the kernels apply to these windows (``elements``: what one launch moves, the
+    first window's size by default)."""
     if not _enabled or torch.compiler.is_compiling():
         return False
-    windows = tuple(Strided.of(w) for w in windows)
+    windows = [w if type(w) is Strided else Strided.of(w) for w in windows]
     for w in windows:
-        t = w.base
-        if not (t.is_cuda or _INTERPRET) or len(w.shape) != 5:
+        if not (w.base.is_cuda or _INTERPRET) or len(w.shape) != 5:
             return False
-        if w.shape[-1] > 1 and w.strides[-1] != 1:
+        if w.strides[-1] != 1 and w.shape[-1] > 1:
             return False
-    if not _INTERPRET and windows[0].numel() < MIN_ELEMENTS:
+    if elements is None:
+        elements = windows[0].numel()
+    if not _INTERPRET and elements < MIN_ELEMENTS:
         return False
     return _kernels() is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def _geometry(shape: tuple[int, ...]):
     """Launch geometry of a (n0, n1, n2, n3, X) window: (grid, n1, n2 * n3, constexprs)."""
     n0, n1, n2, n3, x = shape
@@ -117,7 +121,7 @@ def _geometry(shape: tuple[int, ...]):
     block_i1 = max(1, min(_BLOCK_ELEMENTS // (block_x * block_h), 1 << (n1 - 1).bit_length()))
     grid = (n0 * _cdiv(n1, block_i1),)
     meta = {"G": n3, "X": x, "BLOCK_X": block_x, "BLOCK_I1": block_i1, "BLOCK_H": block_h}
-    return grid, n1, n2 * n3, meta
+    return grid, n1, n2 * n3, meta  # meta is shared: callers pass it on as **meta, never edit it
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -160,6 +164,8 @@ def _deltas(windows: list[Strided]) -> list[int] | None:
     """Element offsets of windows 1.. from window 0 (across tensors: data pointers apart), or
     None when they cannot share a launch (shapes, strides or dtypes differ)."""
     first = windows[0]
+    if len(windows) == 1:
+        return []
     size = first.base.element_size()
     ptr0 = first.base.data_ptr()
     out = []
@@ -173,49 +179,45 @@ def _deltas(windows: list[Strided]) -> list[int] | None:
     return out
 
 
-def _rows(dsts: list[Strided], srcs: list[Strided], add: bool) -> bool:
-    """One launch for up to MAX_WINDOWS (dst, src) pairs of one shape; False if it failed."""
-    dst, src = dsts[0], srcs[0]
+def _rows(dst: Strided, src: Strided, d_apart, s_apart, t: int, add: bool) -> bool:
+    """One launch for t (dst, src) pairs of one shape: the first pair, and the others
+    d_apart / s_apart elements from it. False if the launch failed."""
     if dst.numel() == 0:
         return True
-    pad = [0] * (MAX_WINDOWS - len(dsts))
-    d_apart, s_apart = _deltas(dsts) + pad, _deltas(srcs) + pad
+    pad = [0] * (MAX_WINDOWS - t)
     grid, n1, n_heads, meta = _geometry(dst.shape)
     rows_kernel, _ = _kernels()
     return launched(
-        lambda: rows_kernel[(grid[0], len(dsts))](
+        lambda: rows_kernel[(grid[0], t)](
             dst.base, src.base, dst.offset, src.offset, n1, n_heads,
-            *dst.strides[:4], *src.strides[:4], *d_apart, *s_apart,
-            ADD=add, T=len(dsts), **meta,
+            *dst.strides[:4], *src.strides[:4], *d_apart, *pad, *s_apart, *pad,
+            ADD=add, T=t, **meta,
         ),
         dst.base.device,
     )  # fmt: skip
 
 
-def _same_shape(name: str, dst: Strided, src: Strided) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"{name}: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
-
-
 def _move(name: str, dsts, srcs, add: bool) -> None:
-    dsts, srcs = [Strided.of(t) for t in dsts], [Strided.of(t) for t in srcs]
-    for dst, src in zip(dsts, srcs, strict=True):
-        _same_shape(name, dst, src)
-    fast = (
-        _usable(*dsts, *srcs)
-        and (not add or all(d.dtype == s.dtype for d, s in zip(dsts, srcs)))
-        and len(dsts) <= MAX_WINDOWS
-        and _deltas(dsts) is not None
-        and _deltas(srcs) is not None
-    )
-    if fast and _rows(dsts, srcs, add):
-        return
-    if len(dsts) > 1 and _enabled:  # one launch each (or ATen, window by window)
-        for dst, src in zip(dsts, srcs):
-            _move(name, [dst], [src], add)
-        return
+    dsts = [w if type(w) is Strided else Strided.of(w) for w in dsts]
+    srcs = [w if type(w) is Strided else Strided.of(w) for w in srcs]
+    if len(dsts) != len(srcs):
+        raise ValueError(f"{name}: {len(dsts)} destinations for {len(srcs)} sources")
     for dst, src in zip(dsts, srcs):
-        dst.view().add_(src.view()) if add else dst.view().copy_(src.view())
+        if dst.shape != src.shape:
+            raise ValueError(f"{name}: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
+    dst, src = dsts[0], srcs[0]
+    fits = len(dsts) <= MAX_WINDOWS and (not add or dst.dtype == src.dtype)
+    if fits and _usable(dst, src, elements=dst.numel() * len(dsts)):
+        d_apart, s_apart = _deltas(dsts), _deltas(srcs)
+        if d_apart is not None and s_apart is not None:
+            if _rows(dst, src, d_apart, s_apart, len(dsts), add):
+                return
+        elif len(dsts) > 1:  # windows that cannot share a launch: one launch each
+            for d, s in zip(dsts, srcs):
+                _move(name, [d], [s], add)
+            return
+    for d, s in zip(dsts, srcs):  # ATen, window by window
+        d.view().add_(s.view()) if add else d.view().copy_(s.view())
 
 
 def copy_rows(dst: torch.Tensor | Strided, src: torch.Tensor | Strided) -> None:
