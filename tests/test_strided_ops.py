@@ -131,7 +131,7 @@ class _Failing:
 
 
 def test_a_failing_launch_warns_once_and_falls_back_to_aten(monkeypatch):
-    monkeypatch.setattr(strided_ops, "_usable", lambda *tensors: strided_ops._enabled)
+    monkeypatch.setattr(strided_ops, "_usable", lambda *tensors, **kw: strided_ops._enabled)
     monkeypatch.setattr(strided_ops, "_kernels", lambda: (_Failing(), _Failing()))
     src = torch.randn(2, 4, 3, 2, 8)
     dst = torch.zeros_like(src)
