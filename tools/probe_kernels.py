@@ -17,7 +17,13 @@
 5. ``overhead``: is the dilated_attention op (forward + backward, bf16, 12 x 64 heads, LongViT
    schedules) bound by the host? Its GPU time against the host time it takes to enqueue the
    same work while the GPU is kept busy (so the host never waits): where the two are close,
-   fewer ops or CUDA graphs are the lever, not the kernels.
+   fewer ops or CUDA graphs are the lever, not the kernels. Also the time of one step started
+   on an idle GPU (as bench_attention times it) against steps back to back.
+6. ``strided``: cuDNN fed the dilated views in place (no gathers) against gathered inputs.
+7. ``layer``: the kernel table of one MultiheadDilatedAttention layer at 1M tokens.
+8. ``tiles``: the op at 65K and 262K tokens for several tile sizes of the data-movement kernels.
+9. ``timeline``: a Chrome trace of one op step at 65K tokens (``--trace``) and the gaps between
+   its kernels (the profiler's own buffer requests show up as gaps too: read the trace).
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -27,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -385,6 +393,48 @@ def probe_overhead() -> None:
         kernel_table(step)
 
 
+def probe_timeline(path: Path) -> None:
+    """Where the GPU waits in one op step at 65K tokens started on an idle GPU: the gaps between
+    its kernels (a Chrome trace of the step is written to path)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from longvit.attention import dilated_attention
+
+    ws, rates = [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16]
+    q, k, v = (
+        torch.randn(1, 65536, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    go = torch.randn_like(q)
+
+    def step():
+        out = dilated_attention(q, k, v, ws, rates)
+        torch.autograd.grad(out, (q, k, v), go)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    gpu = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") in gpu)  # fmt: skip
+    first_cpu = min(e["ts"] for e in events if e.get("cat") == "cpu_op")
+    busy = sum(end - start for start, end, _ in kernels)
+    span = kernels[-1][1] - kernels[0][0]
+    print(f"op step, 65,536 tokens: first CPU op to first kernel {kernels[0][0] - first_cpu:.0f} "
+          f"us; first to last kernel {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms; "
+          "gaps over 20 us:")  # fmt: skip
+    for (_, end, before), (start, _, after) in zip(kernels, kernels[1:]):
+        if start - end > 20:
+            print(f"  {(start - end):7.0f} us  after {before[:50]!r}  before {after[:50]!r}")
+    print(f"trace: {path}")
+
+
 def probe_tiles() -> None:
     """The op's time for several tile sizes of the data-movement kernels (values per program)."""
     from longvit.attention import dilated_attention, strided_ops
@@ -519,12 +569,14 @@ def kernel_table(fn, top: int = 14) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles"]
+    probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
+              "timeline"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
     p.add_argument("--keep-attention", action="store_true")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--trace", type=Path, default=Path("bench_results/op_65k_trace.json"))
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the step probe")
     args = p.parse_args(argv)
     if "step" in args.probes:  # first: activating a flash impl is for the whole process
@@ -545,6 +597,8 @@ def main(argv=None) -> int:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:
         probe_tiles()
+    if "timeline" in args.probes:
+        probe_timeline(args.trace)
     return 0
 
 
