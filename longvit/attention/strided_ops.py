@@ -206,15 +206,16 @@ def _move(name: str, dsts, srcs, add: bool) -> None:
         if dst.shape != src.shape:
             raise ValueError(f"{name}: shapes differ, {tuple(dst.shape)} and {tuple(src.shape)}")
     dst, src = dsts[0], srcs[0]
-    fits = len(dsts) <= MAX_WINDOWS and (not add or dst.dtype == src.dtype)
-    if fits and _usable(dst, src, elements=dst.numel() * len(dsts)):
+    d_apart = s_apart = None
+    if len(dsts) <= MAX_WINDOWS and (not add or dst.dtype == src.dtype):
         d_apart, s_apart = _deltas(dsts), _deltas(srcs)
-        if d_apart is not None and s_apart is not None:
-            if _rows(dst, src, d_apart, s_apart, len(dsts), add):
-                return
-        elif len(dsts) > 1:  # windows that cannot share a launch: one launch each
+    if d_apart is None or s_apart is None:
+        if len(dsts) > 1:  # windows that cannot share a launch: one at a time
             for d, s in zip(dsts, srcs):
                 _move(name, [d], [s], add)
+            return
+    elif _usable(dst, src, elements=dst.numel() * len(dsts)):
+        if _rows(dst, src, d_apart, s_apart, len(dsts), add):
             return
     for d, s in zip(dsts, srcs):  # ATen, window by window
         d.view().add_(s.view()) if add else d.view().copy_(s.view())
