@@ -24,6 +24,8 @@
 8. ``tiles``: the op at 65K and 262K tokens for several tile sizes of the data-movement kernels.
 9. ``timeline``: a Chrome trace of one op step at 65K tokens (``--trace``) and the gaps between
    its kernels (the profiler's own buffer requests show up as gaps too: read the trace).
+10. ``compile``: three longvit_base training steps in a fresh process (set TRITON_CACHE_DIR to an
+   empty directory): what compiling the Triton kernels adds to the first.
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -393,6 +395,25 @@ def probe_overhead() -> None:
         kernel_table(step)
 
 
+def probe_compile(tokens: int = 16384) -> None:
+    """The first calls' cost of compiling longvit's Triton kernels: a longvit_base training step
+    (bench_model's) timed three times in a fresh process. Run it with TRITON_CACHE_DIR set to an
+    empty directory for a cold cache (Triton keeps compiled kernels on disk across runs)."""
+    import os
+
+    from tools import bench_model
+
+    print(f"TRITON_CACHE_DIR={os.environ.get('TRITON_CACHE_DIR', '(default: ~/.triton/cache)')}")
+    args = bench_model.parse_args(["--tokens", str(tokens)])
+    model, opt = bench_model.build(args)
+    inputs = bench_model.make_inputs(tokens, "cuda")
+    for i in range(3):
+        t = time.perf_counter()
+        bench_model.train_step(model, opt, inputs, torch.bfloat16, "cuda")
+        torch.cuda.synchronize()
+        print(f"longvit_base step {i + 1}, {tokens:,} tokens: {time.perf_counter() - t:.2f} s")
+
+
 def probe_timeline(path: Path) -> None:
     """Where the GPU waits in one op step at 65K tokens started on an idle GPU: the gaps between
     its kernels (a Chrome trace of the step is written to path)."""
@@ -570,7 +591,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline"]  # fmt: skip
+              "timeline", "compile"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -599,6 +620,8 @@ def main(argv=None) -> int:
         probe_tiles()
     if "timeline" in args.probes:
         probe_timeline(args.trace)
+    if "compile" in args.probes:
+        probe_compile()
     return 0
 
 
