@@ -213,3 +213,28 @@ def test_thumbnail_is_banded_and_bounded(slides, monkeypatch):
     assert thumb.downsample == pytest.approx((4.0, 4.0))
     expected = cv2.resize(spec.render(0, 0, 1000, 700), (250, 175), interpolation=cv2.INTER_AREA)
     assert np.abs(thumb.image.astype(int) - expected).mean() < 1.0
+
+
+def test_feature_training_imports_without_openslide(tmp_path):
+    """Without OpenSlide (its package or native library missing), longvit.training still
+    imports (feature-mode training needs no slide reader); opening a slide says what to
+    install."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['openslide'] = None\n"  # import openslide -> ImportError
+        "import longvit.training\n"
+        "from longvit.slides import Slide\n"
+        "try:\n"
+        f"    Slide({str(tmp_path / 'x.svs')!r})._slide()\n"
+        "except ImportError as err:\n"
+        "    print('ERR', err)\n"
+    )
+    (tmp_path / "x.svs").write_bytes(b"not a slide")
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ERR reading slides needs OpenSlide" in run.stdout
+    assert "pip install openslide-python openslide-bin" in run.stdout

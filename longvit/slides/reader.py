@@ -8,6 +8,7 @@ with transparent areas composited onto the slide's background colour (white by d
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,10 +16,10 @@ import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import openslide
 from PIL import Image
 
 from longvit.slides.errors import MissingMPPError, SlideOpenError, TileReadError
@@ -31,6 +32,9 @@ from longvit.slides.resolution import (
     objective_power,
 )
 from longvit.slides.tiff_tiles import TiffTiles
+
+if TYPE_CHECKING:
+    import openslide
 
 log = logging.getLogger("longvit.slides")
 
@@ -54,7 +58,22 @@ class Thumbnail:
     failed_regions: int = 0
 
 
+@functools.cache
+def _openslide():
+    """The openslide module, imported when the first slide is opened: working on extracted
+    features (feature-mode training, the slide encoder) does not need OpenSlide's library."""
+    try:
+        import openslide
+    except (ImportError, OSError) as err:
+        raise ImportError(
+            f"reading slides needs OpenSlide ({type(err).__name__}: {err}); install it with "
+            "`pip install openslide-python openslide-bin`"
+        ) from err
+    return openslide
+
+
 def _open_handle(path: Path) -> openslide.AbstractSlide:
+    openslide = _openslide()
     try:
         if openslide.OpenSlide.detect_format(str(path)) is not None:
             return openslide.OpenSlide(str(path))
@@ -145,7 +164,7 @@ class Slide:
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(handle.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple(handle.level_downsamples)
         self.properties: dict[str, str] = dict(handle.properties)
-        if isinstance(handle, openslide.ImageSlide):
+        if isinstance(handle, _openslide().ImageSlide):
             self.properties.update(_image_properties(self.path))
         bg = self.properties.get("openslide.background-color", "FFFFFF")
         self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))
@@ -168,7 +187,7 @@ class Slide:
         if self._handle is not None and self._pid == os.getpid():
             try:
                 self._handle.close()
-            except openslide.OpenSlideError:
+            except _openslide().OpenSlideError:
                 pass
         self._handle = None
         if self._tiff is not None and self._tiff_pid == os.getpid():
@@ -286,7 +305,7 @@ class Slide:
                 # frombuffer(tobytes()) is ~15x faster than np.asarray(image) for RGBA images
                 rgba = np.frombuffer(image.tobytes(), np.uint8).reshape(size[1], size[0], 4)
                 return rgba_to_rgb(rgba, self.background)
-            except (openslide.OpenSlideError, OSError) as err:
+            except (_openslide().OpenSlideError, OSError) as err:
                 self.reopen()
                 if attempt == 1:
                     raise TileReadError(self.path, location, level, str(err)) from err
