@@ -55,19 +55,11 @@ def _time(fn, iters=5):
     return (time.perf_counter() - t) / iters
 
 
-def _synced_median(fn, iters=20) -> float:
-    """Median seconds of fn() started on an idle GPU (CUDA events; a sync before each)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return sorted(times)[len(times) // 2]
+def _synced_median(fn) -> float:
+    """Median seconds of fn() started on an idle GPU, as bench_attention times it."""
+    from tools.bench_attention import cuda_time
+
+    return cuda_time(fn, warmup=1, iters=20)
 
 
 def probe_kernels(total_tokens: int, lengths: list[int]) -> None:
