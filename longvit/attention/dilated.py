@@ -5,6 +5,14 @@ as (B * segments, H, w / r, D) (a view for r == 1), run a dense kernel that
 returns (out, lse), and merge into a float32 accumulator in place, through
 strided views of it, with weights exp(lse_i - logsumexp_j lse_j).
 
+Two paths do this. A branch with no padding and no key mask (the usual case) is a _Call:
+its positions are strided windows of the (B, N, H, D) tensors, computed from sizes and
+strides (``windows.py``), that the Triton kernels read and write directly; branches with the
+same tokens per segment and head run as one kernel call on one gather buffer (``_steps``).
+Padded or masked branches, inputs whose batch and sequence axes do not merge, and
+sequence-parallel branches spanning ranks take the general
+path through views built per call (``_local_forward`` / ``_local_backward``).
+
 Backward: exact. The merged function is softmax(q k^T * scale + log M) v, whose
 gradient per branch is what a flash-style backward computes when it is given
 the *merged* output and LSE (as ring attention does); the per-branch results are
