@@ -10,8 +10,8 @@ its positions are strided windows of the (B, N, H, D) tensors, computed from siz
 strides (``windows.py``), that the Triton kernels read and write directly; branches with the
 same tokens per segment and head run as one kernel call on one gather buffer (``_steps``).
 Padded or masked branches, inputs whose batch and sequence axes do not merge, and
-sequence-parallel branches spanning ranks take the general
-path through views built per call (``_local_forward`` / ``_local_backward``).
+sequence-parallel branches spanning ranks take the general path through views built per
+call (``_local_forward`` / ``_local_backward``).
 
 Backward: exact. The merged function is softmax(q k^T * scale + log M) v, whose
 gradient per branch is what a flash-style backward computes when it is given
