@@ -62,6 +62,26 @@ def _synced_median(fn) -> float:
     return cuda_time(fn, warmup=1, iters=20)
 
 
+def op_step(tokens: int, heads: int, head_dim: int, segments, rates):
+    """One forward + backward of dilated_attention on random bf16 q, k, v (1, tokens, heads,
+    head_dim) on the GPU, as a closure to time or profile."""
+    from longvit.attention import dilated_attention
+
+    q, k, v = (
+        torch.randn(
+            1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+        )  # fmt: skip
+        for _ in range(3)
+    )
+    go = torch.randn_like(q)
+
+    def step():
+        out = dilated_attention(q, k, v, segments, rates)
+        torch.autograd.grad(out, (q, k, v), go)
+
+    return step
+
+
 def probe_kernels(total_tokens: int, lengths: list[int]) -> None:
     from longvit.attention.backends import BACKENDS
 
@@ -344,7 +364,7 @@ class _OpCount(TorchDispatchMode):
 
 
 def probe_overhead() -> None:
-    from longvit.attention import dilated_attention, strided_ops
+    from longvit.attention import strided_ops
 
     longvit_rates = [1, 2, 4, 8, 16]
     configs = [  # tokens, heads, head dim, segments, rates
@@ -356,16 +376,7 @@ def probe_overhead() -> None:
     _launch_costs()
     print(f"{'tokens':>9} {'GPU ms':>8} {'host enqueue ms':>16} {'ops per step':>13}")
     for n, heads, dim, ws, rates in configs:
-        q, k, v = (
-            torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(3)
-        )
-        go = torch.randn_like(q)
-
-        def step(q=q, k=k, v=v, go=go, ws=ws, rates=rates):
-            out = dilated_attention(q, k, v, ws, rates)
-            torch.autograd.grad(out, (q, k, v), go)
-
+        step = op_step(n, heads, dim, ws, rates)
         strided_ops.set_triton(False)
         aten_gpu = _time(step, iters=10)
         strided_ops.set_triton(True)
@@ -411,19 +422,7 @@ def probe_timeline(path: Path) -> None:
     its kernels (a Chrome trace of the step is written to path)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from longvit.attention import dilated_attention
-
-    ws, rates = [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16]
-    q, k, v = (
-        torch.randn(1, 65536, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(3)
-    )
-    go = torch.randn_like(q)
-
-    def step():
-        out = dilated_attention(q, k, v, ws, rates)
-        torch.autograd.grad(out, (q, k, v), go)
-
+    step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -450,7 +449,7 @@ def probe_timeline(path: Path) -> None:
 
 def probe_tiles() -> None:
     """The op's time for several tile sizes of the data-movement kernels (values per program)."""
-    from longvit.attention import dilated_attention, strided_ops
+    from longvit.attention import strided_ops
 
     rates = [1, 2, 4, 8, 16]
     configs = [
@@ -459,16 +458,7 @@ def probe_tiles() -> None:
     ]
     default = strided_ops._BLOCK_ELEMENTS
     for n, ws in configs:
-        q, k, v = (
-            torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(3)
-        )
-        go = torch.randn_like(q)
-
-        def step(q=q, k=k, v=v, go=go, ws=ws):
-            out = dilated_attention(q, k, v, ws, rates)
-            torch.autograd.grad(out, (q, k, v), go)
-
+        step = op_step(n, 12, 64, ws, rates)
         for block in (2048, 4096, 8192, 16384):
             strided_ops._BLOCK_ELEMENTS = block
             strided_ops._geometry.cache_clear()

@@ -15,8 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longvit.attention import dilated_attention  # noqa: E402
 from tools.bench_attention import CONFIGS  # noqa: E402
+from tools.probe_kernels import op_step  # noqa: E402
 
 
 def main(argv=None):
@@ -25,18 +25,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=18)
     args = p.parse_args(argv)
     dim, heads, n, ws, rs = CONFIGS[args.config]
-    q, k, v = (
-        torch.randn(
-            1, n, heads, dim // heads, device="cuda", dtype=torch.bfloat16, requires_grad=True
-        )  # fmt: skip
-        for _ in range(3)
-    )
-    go = torch.randn_like(q)
-
-    def step():
-        out = dilated_attention(q, k, v, ws, rs)
-        torch.autograd.grad(out, (q, k, v), go)
-
+    step = op_step(n, heads, dim // heads, ws, rs)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

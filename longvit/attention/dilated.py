@@ -353,6 +353,14 @@ class _Call:
     def m(self) -> int:
         return self.pieces[0][0].m
 
+    def spans(self):
+        """(layout, c0, c1, at) per piece: ``at`` is its first row in the call's kernel
+        tensors (gather buffers, outputs, gradients), where the pieces lie one after another."""
+        at = 0
+        for lay, c0, c1 in self.pieces:
+            yield lay, c0, c1, at
+            at += c1 - c0
+
     @property
     def is_view(self) -> bool:
         """A single rate-1 piece: the kernel reads q, k, v in place (no gather)."""
@@ -427,13 +435,11 @@ def _gather(call: _Call, tensors) -> torch.Tensor:
     """The call's positions of each (B, N, H, X) tensor, as one buffer (T, rows, m, H, X)."""
     h, width = tensors[0].shape[2:]
     buf = tensors[0].new_empty(len(tensors), call.rows, call.m, h, width)
-    at = 0
-    for lay, c0, c1 in call.pieces:
+    for lay, c0, c1, at in call.spans():
         dsts = [buffer_windows(buf, i, lay, at, c1 - c0) for i in range(len(tensors))]
         srcs = [token_windows(t, lay, c0, c1) for t in tensors]
         for run in range(len(lay.runs)):  # all tensors' windows of a run: one launch
             copy_rows_many([d[run] for d in dsts], [s[run] for s in srcs])
-        at += c1 - c0
     return buf
 
 
@@ -450,8 +456,7 @@ def _call_forward(q, k, v, call: _Call, plan: _Plan, acc, acc_lse):
     o, lse, state = plan.backend.forward(
         *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
     )
-    at = 0
-    for lay, c0, c1 in call.pieces:
+    for lay, c0, c1, at in call.spans():
         for parts in zip(
             token_windows(acc, lay, c0, c1),
             token_windows(acc_lse, lay, c0, c1),
@@ -459,7 +464,6 @@ def _call_forward(q, k, v, call: _Call, plan: _Plan, acc, acc_lse):
             kernel_windows(lse, lay, at, at + c1 - c0),
         ):
             merge_rows(*parts, call.copy)
-        at += c1 - c0
     return state
 
 
@@ -471,25 +475,21 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
         lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1).contiguous()  # kernels want (C, H, w)
     else:
         lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
-        at = 0
-        for lay, c0, c1 in call.pieces:
+        for lay, c0, c1, at in call.spans():
             for dst, src in zip(
                 kernel_windows(lse_k, lay, at, at + c1 - c0), token_windows(lse_b, lay, c0, c1)
             ):
                 copy_rows(dst, src)
-            at += c1 - c0
     branch_grads = plan.backend.backward(
         *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
         state,
     )  # fmt: skip
     move = copy_rows_many if call.copy else add_rows_many
-    at = 0
-    for lay, c0, c1 in call.pieces:
+    for lay, c0, c1, at in call.spans():
         dsts = [token_windows(g, lay, c0, c1) for g in grads]
         srcs = [kernel_windows(bg, lay, at, at + c1 - c0) for bg in branch_grads]
         for run in range(len(lay.runs)):  # dq, dk and dv of a run: one launch
             move([d[run] for d in dsts], [s[run] for s in srcs])
-        at += c1 - c0
 
 
 def _local_forward(q, k, v, key_valid, lay, plan: _Plan, acc, acc_lse, copy: bool):

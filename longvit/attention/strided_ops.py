@@ -99,7 +99,7 @@ def _usable(*windows: torch.Tensor | Strided, elements: int | None = None) -> bo
     first window's size by default)."""
     if not _enabled or torch.compiler.is_compiling():
         return False
-    windows = [w if type(w) is Strided else Strided.of(w) for w in windows]
+    windows = [Strided.of(w) for w in windows]
     for w in windows:
         if not (w.base.is_cuda or _INTERPRET) or len(w.shape) != 5:
             return False
@@ -198,8 +198,8 @@ def _rows(dst: Strided, src: Strided, d_apart, s_apart, t: int, add: bool) -> bo
 
 
 def _move(name: str, dsts, srcs, add: bool) -> None:
-    dsts = [w if type(w) is Strided else Strided.of(w) for w in dsts]
-    srcs = [w if type(w) is Strided else Strided.of(w) for w in srcs]
+    dsts = [Strided.of(w) for w in dsts]
+    srcs = [Strided.of(w) for w in srcs]
     if len(dsts) != len(srcs):
         raise ValueError(f"{name}: {len(dsts)} destinations for {len(srcs)} sources")
     for dst, src in zip(dsts, srcs):
