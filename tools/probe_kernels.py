@@ -150,6 +150,127 @@ def _measure(b, total_tokens, length, heads, dim):
     return t_f, t_fb, out.float(), lse.float(), 4 * bp * heads * length * length * dim
 
 
+def probe_fa4(total_tokens: int, lengths: list[int]) -> None:
+    """FlashAttention-4 (``flash_attn.cute``, when importable) against cuDNN: forward and
+    forward+backward TFLOP/s at ~total_tokens as segments of L (12 heads x 64, bf16, FA4 on
+    its (B, L, H, D) layout), then dilated branches read in place by FA4 (strided windows, no
+    gather) against gather + cuDNN."""
+    head = f"{'kernel':>8} {'L':>7} {'fwd s':>9} {'TF/s':>6} {'fwd+bwd s':>10} {'TF/s':>6}"
+    print(f"{head} {'|out-cudnn|':>11} {'|lse-cudnn|':>11} {'|dq-cudnn|':>10}")
+    for length in lengths:
+        _fa4_dense(total_tokens, length)
+        torch.cuda.empty_cache()
+    print("\none branch in place (FA4 on strided windows) against gather + cuDNN, fwd+bwd ms")
+    for n, w, r in [(65536, 4096, 2), (65536, 16384, 8), (65536, 65536, 16), (262144, 65536, 8),
+                    (1048576, 262144, 8)]:  # fmt: skip
+        try:
+            _fa4_branch(n, w, r)
+        except Exception as e:  # noqa: BLE001
+            print(f"  N={n:,} w={w} r={r}: failed: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
+
+
+def _fa4_dense(total_tokens: int, length: int, heads: int = 12, dim: int = 64) -> None:
+    from flash_attn.cute import interface as fa4
+
+    from longvit.attention.backends import BACKENDS
+
+    cudnn, scale = BACKENDS["cudnn"], dim**-0.5
+    bp = max(1, total_tokens // length)
+    q, k, v, go = (
+        torch.randn(bp, length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+    )
+    flops = 4 * bp * heads * length * length * dim
+    tq, tk, tv, tgo = (t.transpose(1, 2) for t in (q, k, v, go))
+    o_c, l_c, st = cudnn.forward(tq, tk, tv, None, False, 0.0, scale)
+    g_c = cudnn.backward(tgo, tq, tk, tv, o_c, l_c, None, False, 0.0, scale, st)
+    t0 = time.perf_counter()
+    o_f, l_f, *_ = fa4._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+    g_f = fa4._flash_attn_bwd(q, k, v, o_f, go, l_f, softmax_scale=scale)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    diffs = (
+        (o_f.transpose(1, 2).float() - o_c.float()).abs().max().item(),
+        (l_f.float() - l_c.float().reshape(l_f.shape)).abs().max().item(),
+        (g_f[0].transpose(1, 2).float() - g_c[0].float()).abs().max().item(),
+    )
+
+    def c_f():
+        return cudnn.forward(tq, tk, tv, None, False, 0.0, scale)
+
+    def c_fb():
+        o, s, st = c_f()
+        cudnn.backward(tgo, tq, tk, tv, o, s, None, False, 0.0, scale, st)
+
+    def f_f():
+        return fa4._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+
+    def f_fb():
+        o, s, *_ = f_f()
+        fa4._flash_attn_bwd(q, k, v, o, go, s, softmax_scale=scale)
+
+    for name, fwd, fb, d in [("cudnn", c_f, c_fb, (0, 0, 0)), ("fa4", f_f, f_fb, diffs)]:
+        t_f, t_fb = _time(fwd), _time(fb)
+        print(f"{name:>8} {length:>7} {t_f:>9.4f} {flops / t_f / 1e12:>6.0f} {t_fb:>10.4f} "
+              f"{3.5 * flops / t_fb / 1e12:>6.0f} {d[0]:>11.2e} {d[1]:>11.2e} {d[2]:>10.2e}",
+              flush=True)  # fmt: skip
+    print(f"         (fa4's first forward + backward, compiling included: {first:.1f} s)")
+
+
+def _in_place_calls(win) -> list[torch.Tensor]:
+    """A token window (C, m, groups, G', X) as FA4 inputs (C, m, heads, X), views: one per group
+    (its G' heads) or one per head of a group (all groups), whichever is fewer."""
+    c, m, groups, gh, x = win.shape
+    s_c, s_m, s_g, s_h, s_x = win.strides
+    at = win.base.storage_offset() + win.offset
+    if groups <= gh:
+        return [
+            win.base.as_strided((c, m, gh, x), (s_c, s_m, s_h, s_x), at + g * s_g)
+            for g in range(groups)
+        ]
+    return [
+        win.base.as_strided((c, m, groups, x), (s_c, s_m, s_g, s_x), at + i * s_h)
+        for i in range(gh)
+    ]
+
+
+def _fa4_branch(n: int, w: int, r: int, heads: int = 12, dim: int = 64) -> None:
+    from flash_attn.cute import interface as fa4
+
+    from longvit.attention.backends import BACKENDS
+    from longvit.attention.layout import BranchLayout
+    from longvit.attention.windows import token_windows
+
+    cudnn, scale = BACKENDS["cudnn"], dim**-0.5
+    lay = BranchLayout.of(n, heads, w, r)
+    full = [torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    wins = [token_windows(t, lay, 0, lay.num_segments) for t in full]
+    calls = [
+        list(zip(*(_in_place_calls(win[run]) for win in wins))) for run in range(len(lay.runs))
+    ]
+    calls = [c for run in calls for c in run]  # (q, k, v, dout) views per kernel call
+
+    def in_place():
+        for qc, kc, vc, gc in calls:
+            o, s, *_ = fa4._flash_attn_fwd(qc, kc, vc, softmax_scale=scale, return_lse=True)
+            fa4._flash_attn_bwd(qc, kc, vc, o, gc, s, softmax_scale=scale)
+
+    def gathered():
+        for views in calls:
+            qg, kg, vg, gg = (t.transpose(1, 2).contiguous() for t in views)
+            o, s, st = cudnn.forward(qg, kg, vg, None, False, 0.0, scale)
+            cudnn.backward(gg, qg, kg, vg, o, s, None, False, 0.0, scale, st)
+
+    qc, kc, vc, _ = calls[0]
+    o_p, _, *_ = fa4._flash_attn_fwd(qc, kc, vc, softmax_scale=scale, return_lse=True)
+    qg, kg, vg = (t.transpose(1, 2).contiguous() for t in (qc, kc, vc))
+    o_g, _, _ = cudnn.forward(qg, kg, vg, None, False, 0.0, scale)
+    diff = (o_p.transpose(1, 2).float() - o_g.float()).abs().max().item()
+    t_p, t_g = _time(in_place, iters=10), _time(gathered, iters=10)
+    print(f"  N={n:>9,} w={w:>7} r={r:>2}: in place {t_p * 1e3:8.2f}  gathered+cudnn "
+          f"{t_g * 1e3:8.2f}  calls {len(calls)}  max|diff| {diff:.2e}", flush=True)  # fmt: skip
+
+
 def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda") -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -573,7 +694,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline", "compile"]  # fmt: skip
+              "timeline", "compile", "fa4"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -596,6 +717,8 @@ def main(argv=None) -> int:
         probe_strided()
     if "layer" in args.probes:
         probe_layer()
+    if "fa4" in args.probes:  # before kernels, which activates flash impls process-wide
+        probe_fa4(args.tokens, args.lengths)
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:

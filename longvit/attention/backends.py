@@ -12,6 +12,9 @@ Backends:
 - ``cpu_flash``: aten's fused CPU kernel, no materialised scores.
 - ``cudnn``, ``flash``, ``efficient``: PyTorch's fused CUDA kernels.
 - ``flash_attn``: the flash-attn package, when importable (optional extra).
+- ``fa4``: FlashAttention-4 (the ``flash-attn-4`` package, ``flash_attn.cute``) on Hopper and
+  Blackwell GPUs, when importable (optional extra ``longvit[fa4]``). It reads q, k, v through
+  any aligned strides, so the dilated op hands it a branch's positions in place, no gather.
 
 Masked keys on the fused CUDA kernels are handled without a mask argument:
 q gets one extra channel of ones and k one of (0 or a large negative number),
@@ -47,6 +50,9 @@ class Backend:
     supports_dropout = True
     # Whether backward() is exact when handed the merged output and LSE of all branches.
     supports_backward = True
+    # Whether forward_into/backward_into read strided (B', L, H, D) windows in place: the
+    # dilated op then passes a branch's positions without gathering them.
+    reads_strided = False
 
     def available(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         raise NotImplementedError
@@ -358,7 +364,70 @@ def _flash_attn():
         import flash_attn  # type: ignore[import-not-found]
     except ImportError:
         return None
-    return flash_attn
+    # flash-attn-4 alone installs flash_attn as a namespace package holding only .cute
+    return flash_attn if hasattr(flash_attn, "flash_attn_func") else None
+
+
+# ---------------------------------------------------------------------- FA4 (cute)
+class FlashAttn4Backend(_FusedCuda):
+    """FlashAttention-4 (``flash-attn-4``: ``flash_attn.cute``), Hopper (sm90) and Blackwell
+    (sm100) GPUs, bf16/fp16, head dim a multiple of 8. On an H200 it runs 10-19% faster than
+    cuDNN at head dim 64 (docs/benchmarks.md). Its layout is (B', L, H, D) with any strides
+    aligned to 16 bytes, and it writes into given out/LSE/gradient tensors: the dilated op
+    runs it on a branch's strided positions in place (``forward_into``/``backward_into``)."""
+
+    name = "fa4"
+    supports_dropout = False
+    reads_strided = True
+
+    def available(self, device, dtype, head_dim):
+        if not (super().available(device, dtype, head_dim) and head_dim % 8 == 0):
+            return False
+        major = torch.cuda.get_device_capability(device)[0]
+        return major in (9, 10) and _fa4() is not None
+
+    def _forward(self, q, k, v, causal, dropout_p, scale):
+        out, lse, *_ = _fa4()._flash_attn_fwd(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+            causal=causal, return_lse=True,
+        )  # fmt: skip
+        return out.transpose(1, 2), lse, KernelState()
+
+    def _backward(self, dout, q, k, v, out, lse, causal, dropout_p, scale, state):
+        t = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
+        grads = _fa4()._flash_attn_bwd(*t, lse, softmax_scale=scale, causal=causal)
+        return tuple(g.transpose(1, 2) for g in grads[:3])
+
+    def forward_into(self, q, k, v, out, lse, causal, scale) -> None:
+        """q, k, v, out (B', L, H, D) and lse (B', H, L) float32, any aligned strides."""
+        _fa4()._flash_attn_fwd(
+            q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out, lse=lse
+        )
+
+    def backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, causal, scale) -> None:
+        """Gradients of one call written into dq, dk, dv (B', L, H, D); lse is the merged
+        LSE (B', H, L) of the positions, out the merged output."""
+        _fa4()._flash_attn_bwd(
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv
+        )
+
+
+@functools.cache
+def _fa4():
+    """flash_attn.cute.interface, or None where FlashAttention-4 does not import (not
+    installed, or its CuTe DSL cannot load on this machine: then a warning says why)."""
+    try:
+        from flash_attn.cute import interface  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    except Exception as e:  # noqa: BLE001  (the DSL checks the CUDA driver on import)
+        import warnings
+
+        warnings.warn(
+            f"flash-attn-4 is installed but does not load ({e}); using cuDNN", stacklevel=2
+        )
+        return None
+    return interface
 
 
 # ------------------------------------------------------------------------ registry
@@ -371,11 +440,13 @@ BACKENDS: dict[str, Backend] = {
         FlashBackend(),
         EfficientBackend(),
         FlashAttnBackend(),
+        FlashAttn4Backend(),
     )
 }
 
-# Fastest first, as measured on an H200 (ANCHORS.md: cuDNN > flash > efficient).
-AUTO_ORDER = ("cudnn", "flash", "efficient", "cpu_flash", "math")
+# Fastest first, as measured on an H200 (ANCHORS.md: cuDNN > flash > efficient; FA4, when
+# installed, beats cuDNN: docs/benchmarks.md).
+AUTO_ORDER = ("fa4", "cudnn", "flash", "efficient", "cpu_flash", "math")
 
 
 def resolve_backend(

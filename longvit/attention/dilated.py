@@ -52,8 +52,10 @@ from longvit.attention.strided_ops import (
     merge_rows,
 )
 from longvit.attention.windows import (
+    aligned,
     buffer_views,
     buffer_windows,
+    call_windows,
     kernel_view,
     kernel_windows,
     mergeable,
@@ -451,11 +453,67 @@ def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
     return buffer_views(_gather(call, tensors))
 
 
+def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
+    """Whether the call's kernels read its positions of these (B, N, H, D) tensors in place
+    (a backend with ``reads_strided``, and strides its kernels can address) instead of from
+    a gather buffer."""
+    return plan.backend.reads_strided and not call.is_view and all(map(aligned, tensors))
+
+
+def _lse_view(win) -> torch.Tensor:
+    """A kernel-side LSE call window (C, m, heads, 1) as the kernels' (C, heads, m) view."""
+    (c, m, heads, _), (s_c, s_m, s_h, _) = win.shape, win.strides
+    return win.base.as_strided(
+        (c, heads, m), (s_c, s_h, s_m), win.base.storage_offset() + win.offset
+    )
+
+
+def _call_windows(call: _Call, tokens, kernel_side):
+    """Per kernel call that reads the call's positions in place: the (C, m, heads, X) windows of
+    each (B, N, H, X) tensor in ``tokens`` and of each kernel-side (rows, H, m, X) tensor in
+    ``kernel_side`` (outputs, LSE, gradients), in that order."""
+    for lay, c0, c1, at in call.spans():
+        wins = [token_windows(t, lay, c0, c1) for t in tokens]
+        wins += [kernel_windows(y, lay, at, at + c1 - c0) for y in kernel_side]
+        for run in range(len(lay.runs)):
+            yield from zip(*(call_windows(w[run]) for w in wins))
+
+
+def _in_place_forward(q, k, v, call: _Call, plan: _Plan):
+    """The call's outputs, its kernels reading q, k, v in place: o (rows, H, m, D), laid out
+    (rows, m, H, D) as the kernels write it, and lse (rows, H, m) float32."""
+    h, d = q.shape[2:]
+    o = q.new_empty(call.rows, call.m, h, d).transpose(1, 2)
+    lse = q.new_empty(call.rows, h, call.m, dtype=accumulator_dtype(q.dtype))
+    for qc, kc, vc, oc, lc in _call_windows(call, (q, k, v), (o, lse)):
+        plan.backend.forward_into(
+            qc.view(), kc.view(), vc.view(), oc.view(), _lse_view(lc), plan.causal, plan.scale
+        )
+    return o, lse
+
+
+def _in_place_backward(tensors, lse_k, call: _Call, plan: _Plan) -> list[torch.Tensor]:
+    """dq, dk, dv (rows, H, m, D) of a call, its kernels reading dout, q, k, v and out in place
+    (lse_k: the merged LSE at its positions, (rows, H, m))."""
+    q = tensors[1]
+    buf = q.new_empty(3, call.rows, call.m, *q.shape[2:])
+    grads = [g.transpose(1, 2) for g in buf.unbind(0)]
+    for do, qc, kc, vc, oc, lc, dq, dk, dv in _call_windows(call, tensors, (lse_k, *grads)):
+        plan.backend.backward_into(
+            do.view(), qc.view(), kc.view(), vc.view(), oc.view(), _lse_view(lc), dq.view(),
+            dk.view(), dv.view(), plan.causal, plan.scale,
+        )  # fmt: skip
+    return grads
+
+
 def _call_forward(q, k, v, call: _Call, plan: _Plan, acc, acc_lse):
     """Run one call and merge its rows into acc (B, N, H, D), acc_lse (B, N, H, 1) in place."""
-    o, lse, state = plan.backend.forward(
-        *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
-    )
+    if _in_place(plan, call, (q, k, v)):
+        (o, lse), state = _in_place_forward(q, k, v, call, plan), None
+    else:
+        o, lse, state = plan.backend.forward(
+            *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
+        )
     for lay, c0, c1, at in call.spans():
         for parts in zip(
             token_windows(acc, lay, c0, c1),
@@ -480,10 +538,13 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
                 kernel_windows(lse_k, lay, at, at + c1 - c0), token_windows(lse_b, lay, c0, c1)
             ):
                 copy_rows(dst, src)
-    branch_grads = plan.backend.backward(
-        *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
-        state,
-    )  # fmt: skip
+    if _in_place(plan, call, tensors):
+        branch_grads = _in_place_backward(tensors, lse_k, call, plan)
+    else:
+        branch_grads = plan.backend.backward(
+            *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
+            state,
+        )  # fmt: skip
     move = copy_rows_many if call.copy else add_rows_many
     for lay, c0, c1, at in call.spans():
         dsts = [token_windows(g, lay, c0, c1) for g in grads]

@@ -94,3 +94,34 @@ def buffer_windows(buf: torch.Tensor, index: int, lay: BranchLayout, at: int, ro
         )
         for _, first, groups, heads in lay.runs
     ]
+
+
+def call_windows(win: Strided) -> list[Strided]:
+    """A branch window (C, m, groups, G', X) as the windows (C, m, heads, X) of the kernel calls
+    that read it in place (a backend with ``reads_strided``): one call per head group (its G'
+    heads) when groups <= G', else one per head position of a group (that head of every group,
+    whose offsets differ: one stride steps to the next group's head and positions together).
+    So LongViT's rates with 12 heads take 2, 3, 2 and 1 calls at rates 2, 4, 8 and 16. Token
+    windows and kernel-side windows of the same branch split alike, call i matching call i."""
+    c, m, groups, heads, width = win.shape
+    s_c, s_m, s_g, s_h, s_x = win.strides
+    if groups <= heads:
+        return [
+            Strided(win.base, win.offset + g * s_g, (c, m, heads, width), (s_c, s_m, s_h, s_x))
+            for g in range(groups)
+        ]
+    return [
+        Strided(win.base, win.offset + i * s_h, (c, m, groups, width), (s_c, s_m, s_g, s_x))
+        for i in range(heads)
+    ]
+
+
+def aligned(x: torch.Tensor, nbytes: int = 16) -> bool:
+    """Whether x's data pointer and all strides but the last are multiples of nbytes (what
+    kernels that read strided windows through TMA need), its last dim contiguous."""
+    size = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and x.data_ptr() % nbytes == 0
+        and all(s * size % nbytes == 0 for s in x.stride()[:-1])
+    )

@@ -1,0 +1,128 @@
+"""The in-place path: a backend that reads strided windows (FlashAttention-4 on GPU) gets each
+branch's positions of q, k, v (and dout, out in the backward) as views, no gather buffer.
+
+On CPU a float64 stand-in backend runs the math kernel on the views it is handed, so the
+windows, the kernel calls per head group and the buffers they write are checked against the
+dense reference; tests/test_attention_gpu.py runs FlashAttention-4 itself where installed."""
+
+import pytest
+import torch
+
+from longvit.attention import BACKENDS, dilated_attention, dilated_attention_reference
+from longvit.attention.backends import KernelState, MathBackend
+from tests.test_attention_values import SHAPES, _qkv
+
+
+class StridedMath(MathBackend):
+    """MathBackend behind the reads_strided interface, recording what it was handed."""
+
+    name = "strided_math"
+    reads_strided = True
+
+    def __init__(self):
+        self.calls = []  # (direction, q view) per in-place call
+
+    def forward_into(self, q, k, v, out, lse, causal, scale):
+        self.calls.append(("forward", q))
+        o, s, _ = self.forward(*(t.transpose(1, 2) for t in (q, k, v)), None, causal, 0.0, scale)
+        out.copy_(o.transpose(1, 2))
+        lse.copy_(s)
+
+    def backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, causal, scale):
+        self.calls.append(("backward", q))
+        t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+        grads = self.backward(*t, lse, None, causal, 0.0, scale, KernelState())
+        for dst, g in zip((dq, dk, dv), grads):
+            dst.copy_(g.transpose(1, 2))
+
+
+@pytest.fixture
+def strided(monkeypatch):
+    backend = StridedMath()
+    monkeypatch.setitem(BACKENDS, backend.name, backend)
+    return backend
+
+
+def _check(q, k, v, ws, rs, causal, backend="strided_math", **kwargs):
+    out = dilated_attention(q, k, v, ws, rs, causal=causal, backend=backend, **kwargs)
+    ref = dilated_attention_reference(q, k, v, ws, rs, causal=causal, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g1, g2 in zip("qkv", got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(SHAPES.values()), ids=list(SHAPES))
+def test_in_place_matches_reference(case, causal, strided):
+    b, n, h, d, ws, rs = case
+    _check(*_qkv(b, n, h, d), ws, rs, causal)
+
+
+def test_kernels_read_the_inputs_in_place_one_call_per_head_group(strided):
+    """LongViT's rates with 12 heads: the rate-1 branch is one call on a view; rates 2, 4, 8
+    and 16 take 2, 3, 2 and 1 in-place calls (per head group, or per head of the groups,
+    whichever is fewer), each on a view of q itself."""
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    q, k, v = _qkv(b, n, h, d)
+    _check(q, k, v, ws, rs, False)
+    forward = [view for direction, view in strided.calls if direction == "forward"]
+    assert len(forward) == 2 + 3 + 2 + 1
+    assert len(strided.calls) == 2 * len(forward)
+    for _, view in strided.calls:
+        assert view.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+    assert sorted(view.shape[2] for view in forward) == [4, 4, 4, 6, 6, 6, 6, 12]
+
+
+def test_packed_qkv_and_masks(strided):
+    """Packed q, k, v (strides of (B, N, 3, H, D)) read in place; a key mask takes the general
+    path (gathered inputs) on the same backend. Both equal the reference."""
+    from longvit.attention import dilated_attention_packed
+
+    b, n, h, d, ws, rs = SHAPES["H=12 with rates 8 and 16"]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64, requires_grad=True)
+    out = dilated_attention_packed(qkv, ws, rs, causal=True, backend="strided_math")
+    ref = dilated_attention_reference(*qkv.unbind(2), ws, rs, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    (want,) = torch.autograd.grad(ref, qkv, grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert strided.calls
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[:, -n // 4 :] = True
+    strided.calls.clear()
+    _check(*_qkv(b, n, h, d), ws, rs, False, key_padding_mask=mask)
+    assert not strided.calls  # masked branches are gathered
+
+
+def test_unaligned_inputs_are_gathered(strided):
+    """Strides a TMA-fed kernel cannot address (here heads 40 bytes apart, D = 4 values of a
+    row of 5) take the gather path: same values, no in-place call."""
+    q, k, v = (t.detach()[..., :4].requires_grad_() for t in _qkv(1, 64, 4, 5))
+    _check(q, k, v, [16, 32, 64], [1, 2, 4], False)
+    assert not strided.calls
+
+
+def test_head_chunked_layer_reads_in_place(strided, monkeypatch):
+    """The head-chunked projected layer (chunks of heads of a packed qkv; head offsets count
+    from the layer's first head) on the in-place path equals the same layer on the math path."""
+    import longvit.attention.module as module
+    from longvit.attention import MultiheadDilatedAttention
+
+    monkeypatch.setattr(module, "head_chunks", lambda *a: [(0, 5), (5, 12)])
+    torch.manual_seed(0)
+    args = (48, 12, [8, 16, 32], [1, 2, 8])
+    layer = MultiheadDilatedAttention(*args, backend="strided_math").double()
+    ref_layer = MultiheadDilatedAttention(*args, backend="math").double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 32, 48, dtype=torch.float64, requires_grad=True)
+    y, y_ref = layer(x), ref_layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert strided.calls
