@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-FUSED = ["cudnn", "flash", "auto"]
+FUSED = ["cudnn", "flash", "fa4", "auto"]  # fa4: where flash-attn-4 is installed
 
 CASES = {
     # (B, N, H, D, segment_lengths, dilation_rates, causal, masked)
@@ -124,10 +124,12 @@ def test_layer_peak_memory_does_not_grow_with_dilation():
     assert small < 14 * token_bytes, small / token_bytes
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "flash", "auto"])
-def test_head_chunked_layer_on_gpu_matches_reference(monkeypatch, backend):
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_head_chunked_layer_on_gpu_matches_reference(monkeypatch, backend, masked):
     """The layer's head-chunked projection + attention (uneven chunks, partial head groups)
-    under bf16 autocast against projection + the float64 reference, values and gradients."""
+    under bf16 autocast against projection + the float64 reference, values and gradients
+    (without a mask, FlashAttention-4 reads the chunks' packed q, k, v in place)."""
     import longvit.attention.module as module
     from longvit.attention import MultiheadDilatedAttention
 
@@ -142,6 +144,7 @@ def test_head_chunked_layer_on_gpu_matches_reference(monkeypatch, backend):
     x = torch.randn(2, 3000, dim, device="cuda", dtype=torch.float64)
     mask = torch.zeros(2, 3000, dtype=torch.bool, device="cuda")
     mask[1, 2000:] = True
+    mask = mask if masked else None
     grad = torch.randn(2, 3000, dim, device="cuda", dtype=torch.float64)
 
     xr = x.clone().requires_grad_()
@@ -191,3 +194,40 @@ def test_triton_data_movement_equals_aten(case, monkeypatch):
             strided_ops.set_triton(True)
     for name, fast, aten in zip(["out", "dq", "dk", "dv"], *results):
         assert _rel(fast, aten.double()) < 2e-3, f"{name}: {_rel(fast, aten.double())}"
+
+
+def _fa4_or_skip():
+    if not BACKENDS["fa4"].available(torch.device("cuda"), torch.bfloat16, 64):
+        pytest.skip("flash-attn-4 not installed (or not a Hopper/Blackwell GPU)")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fa4_in_place_equals_gathered(causal, monkeypatch):
+    """FlashAttention-4 reading the branches in place gives what it gives on gathered copies
+    (LongViT's 8192-px schedule at 16K tokens, bf16), outputs and gradients."""
+    _fa4_or_skip()
+    fa4 = BACKENDS["fa4"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (
+        torch.randn(1, 16384, 12, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(4)
+    )
+    ws, rs = [1024, 2048, 4096, 8192, 16384], [1, 2, 4, 8, 16]
+    results = []
+    for in_place in (True, False):
+        monkeypatch.setattr(fa4, "reads_strided", in_place)
+        lo = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = dilated_attention(*lo, ws, rs, causal=causal, backend="fa4")
+        results.append((out, *torch.autograd.grad(out, lo, grad)))
+    for a, b in zip(*results):  # equal up to rounding: dq sums with atomics
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-3
+
+
+def test_fa4_is_first_in_auto_where_installed():
+    _fa4_or_skip()
+    from longvit.attention.backends import resolve_backend
+
+    dev = torch.device("cuda")
+    assert resolve_backend("auto", dev, torch.bfloat16, 64, 0.0).name == "fa4"
+    assert resolve_backend("auto", dev, torch.bfloat16, 64, 0.1).name == "cudnn"  # dropout
+    assert resolve_backend("auto", dev, torch.float32, 64, 0.0).name != "fa4"

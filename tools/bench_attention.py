@@ -138,19 +138,19 @@ def bench_kernel_only(heads, head_dim, n, ws, rs, backend_name, warmup, iters):
     return t
 
 
-def gpu_table(names, warmup, iters):
+def gpu_table(names, warmup, iters, backend="auto"):
     rows = []
-    backend = resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 64, 0.0).name
+    backend = resolve_backend(backend, torch.device("cuda"), torch.bfloat16, 64, 0.0).name
     for name in names:
         torch.cuda.empty_cache()
         dim, heads, n, ws, rs = CONFIGS[name]
         hd = dim // heads
         row = {"config": name, "tokens": n, "dim": dim, "heads": heads, "segments": ws,
                "rates": rs, "backend": backend}  # fmt: skip
-        row["layer_s"], row["layer_peak_gib"] = bench_layer(dim, heads, n, ws, rs, "auto",
+        row["layer_s"], row["layer_peak_gib"] = bench_layer(dim, heads, n, ws, rs, backend,
                                                             warmup, iters)  # fmt: skip
-        row["op_s"], row["op_peak_gib"] = bench_op(heads, hd, n, ws, rs, "auto", warmup, iters)
-        for kb in ("cudnn", "flash"):
+        row["op_s"], row["op_peak_gib"] = bench_op(heads, hd, n, ws, rs, backend, warmup, iters)
+        for kb in dict.fromkeys((backend, "cudnn", "flash")):
             if BACKENDS[kb].available(torch.device("cuda"), torch.bfloat16, hd):
                 row[f"kernel_only_{kb}_s"] = bench_kernel_only(heads, hd, n, ws, rs, kb,
                                                                warmup, iters)  # fmt: skip
@@ -217,13 +217,17 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument(
+        "--backend", default="auto", help="the layer's and the op's kernel (kernel only runs it "
+        "and cuDNN and flash); auto: FlashAttention-4 where installed, else cuDNN",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     result = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     if not args.cpu_only and torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
         print(f"GPU: {result['device']}, torch {torch.__version__}, bf16, batch 1, fwd+bwd")
-        result["gpu"] = gpu_table(args.configs, args.warmup, args.iters)
+        result["gpu"] = gpu_table(args.configs, args.warmup, args.iters, args.backend)
     elif not args.cpu_only:
         print("no CUDA device: GPU table skipped")
     result["cpu"] = cpu_table()

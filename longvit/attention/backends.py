@@ -386,6 +386,27 @@ class FlashAttn4Backend(_FusedCuda):
         major = torch.cuda.get_device_capability(device)[0]
         return major in (9, 10) and _fa4() is not None
 
+    # Calls with a key bias (masked or padded branches, the general path) go to cuDNN, or
+    # PyTorch's flash kernel above head dim 128: the bias channel makes the head dim 8k + 8
+    # (72 for 64), where FA4's backward gave dq off by 70-80% on an H200 (flash-attn-4
+    # 4.0.0b36; docs/benchmarks.md).
+    def forward(self, q, k, v, key_bias, causal, dropout_p, scale):
+        if key_bias is not None:
+            return self._masked(q).forward(q, k, v, key_bias, causal, dropout_p, scale)
+        return super().forward(q, k, v, key_bias, causal, dropout_p, scale)
+
+    def backward(self, dout, q, k, v, out, lse, key_bias, causal, dropout_p, scale, state):
+        if key_bias is not None:
+            masked = self._masked(q)
+            return masked.backward(dout, q, k, v, out, lse, key_bias, causal, dropout_p, scale,
+                                   state)  # fmt: skip
+        return super().backward(dout, q, k, v, out, lse, key_bias, causal, dropout_p, scale, state)
+
+    @staticmethod
+    def _masked(q) -> Backend:
+        cudnn = BACKENDS["cudnn"]
+        return cudnn if cudnn.available(q.device, q.dtype, q.shape[-1]) else BACKENDS["flash"]
+
     def _forward(self, q, k, v, causal, dropout_p, scale):
         out, lse, *_ = _fa4()._flash_attn_fwd(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
