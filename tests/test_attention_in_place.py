@@ -38,8 +38,12 @@ class StridedMath(MathBackend):
 
 @pytest.fixture
 def strided(monkeypatch):
+    """The stand-in backend, registered; every call reads in place, however small."""
+    import longvit.attention.dilated as dilated
+
     backend = StridedMath()
     monkeypatch.setitem(BACKENDS, backend.name, backend)
+    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 0)
     return backend
 
 
@@ -126,3 +130,17 @@ def test_head_chunked_layer_reads_in_place(strided, monkeypatch):
     (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_ref, x, g)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert strided.calls
+
+
+def test_small_calls_with_many_head_groups_gather(strided, monkeypatch):
+    """At the default size rule, a small call that would take several in-place kernel calls
+    (LongViT's rates: 8 head groups in one batched call) is gathered into one call, while a
+    call of one head group (rate 16 with 12 heads: one diagonal window) still reads in place."""
+    import longvit.attention.dilated as dilated
+
+    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 2**24)
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    _check(*_qkv(b, n, h, d), ws, rs, False)
+    assert not strided.calls
+    _check(*_qkv(b, n, h, d), [12, 96], [1, 16], True)
+    assert [direction for direction, _ in strided.calls] == ["forward", "backward"]

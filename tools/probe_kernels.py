@@ -26,6 +26,10 @@
    its kernels (the profiler's own buffer requests show up as gaps too: read the trace).
 10. ``compile``: three longvit_base training steps in a fresh process (set TRITON_CACHE_DIR to an
    empty directory): what compiling the Triton kernels adds to the first.
+11. ``fa4``: FlashAttention-4 (``flash-attn-4``, when installed) against cuDNN, dense and on
+   dilated branches read in place.
+12. ``inplace``: the op with every call read in place, every call gathered, and longvit's rule
+   (``dilated.IN_PLACE_ELEMENTS_PER_CALL``), on a backend that reads strided windows.
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -269,6 +273,38 @@ def _fa4_branch(n: int, w: int, r: int, heads: int = 12, dim: int = 64) -> None:
     t_p, t_g = _time(in_place, iters=10), _time(gathered, iters=10)
     print(f"  N={n:>9,} w={w:>7} r={r:>2}: in place {t_p * 1e3:8.2f}  gathered+cudnn "
           f"{t_g * 1e3:8.2f}  calls {len(calls)}  max|diff| {diff:.2e}", flush=True)  # fmt: skip
+
+
+def probe_in_place() -> None:
+    """The op on a backend that reads strided windows (FlashAttention-4) with every call read
+    in place against every call gathered, as bench_attention times it (from an idle GPU) and
+    back to back: where does reading in place (more kernel calls, no gathers) pay?"""
+    from longvit.attention import dilated
+    from longvit.attention.backends import resolve_backend
+
+    backend = resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 64, 0.0)
+    if not backend.reads_strided:
+        print(f"in place: the auto backend ({backend.name}) reads no strided windows; skipped")
+        return
+    rates = [1, 2, 4, 8, 16]
+    configs = [  # tokens, segments, rates
+        (65536, [1024, 4096, 8192, 16384, 65536], rates),
+        (262144, [1024, 4096, 16384, 65536, 262144], rates),
+        (2**20, [1024, 4096, 32768, 262144, 1048576], rates),
+        (2**20, [2048 * 2**i for i in range(10)], [2**i for i in range(10)]),  # LongNet
+    ]
+    rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
+    print(f"op ms (from an idle GPU / back to back), {backend.name}, 12 heads x 64, bf16")
+    for n, ws, rs in configs:
+        step = op_step(n, 12, 64, ws, rs)
+        cells = []
+        for label, elements in [("in place", 0), ("gathered", 2**62), ("the rule", rule)] * 2:
+            dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
+            cells.append(f"{label} {_synced_median(step) * 1e3:.2f}/{_time(step, 6) * 1e3:.2f}")
+        dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
+        print(f"{n:>9,} tokens, {len(ws):>2} branches: " + " | ".join(cells), flush=True)
+        del step
+        torch.cuda.empty_cache()
 
 
 def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda") -> None:
@@ -694,7 +730,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline", "compile", "fa4"]  # fmt: skip
+              "timeline", "compile", "fa4", "inplace"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -719,6 +755,8 @@ def main(argv=None) -> int:
         probe_layer()
     if "fa4" in args.probes:  # before kernels, which activates flash impls process-wide
         probe_fa4(args.tokens, args.lengths)
+    if "inplace" in args.probes:
+        probe_in_place()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:

@@ -453,11 +453,25 @@ def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
     return buffer_views(_gather(call, tensors))
 
 
+# Reading a call in place takes one kernel call per head group (``call_windows``) where the
+# gather buffer takes one. Each extra call costs ~0.2 ms of host time (FlashAttention-4's
+# forward + backward on an H200 host), about what gathering this many elements per tensor
+# costs the GPU (five tensors read and written in all: ~0.15 ms). So a call reads in place
+# when it has this many elements or more per extra kernel call; at 65K tokens LongViT's three
+# branches of m = 2048 (one call, seven head groups) gather: 6.5 ms for the op against 7.0 ms
+# in place, while at 262K tokens and above in place wins (docs/benchmarks.md).
+IN_PLACE_ELEMENTS_PER_CALL = 2**24
+
+
 def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
     """Whether the call's kernels read its positions of these (B, N, H, D) tensors in place
-    (a backend with ``reads_strided``, and strides its kernels can address) instead of from
-    a gather buffer."""
-    return plan.backend.reads_strided and not call.is_view and all(map(aligned, tensors))
+    (a backend with ``reads_strided``, strides its kernels can address, and enough elements
+    per extra kernel call) instead of from a gather buffer."""
+    if not plan.backend.reads_strided or call.is_view or not all(map(aligned, tensors)):
+        return False
+    calls = sum(min(groups, heads) for lay, _, _ in call.pieces for *_, groups, heads in lay.runs)
+    elements = call.rows * call.m * tensors[0].shape[2] * tensors[0].shape[3]
+    return calls == 1 or elements >= IN_PLACE_ELEMENTS_PER_CALL * (calls - 1)
 
 
 def _lse_view(win) -> torch.Tensor:
