@@ -3,7 +3,8 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
-# Stages: tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess, op,
+# Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
+# tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess, op,
 # extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
@@ -20,6 +21,14 @@ wheels() {  # openslide from the carried wheels (the GPU image has none)
     fi
 }
 
+fa4() {  # FlashAttention-4 from the two carried halves (tools/fa4_wheels.sh says how)
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .fa4b/*.whl || return
+    cat /tmp/fa4parts/cu13.part.aa .fa4b/cu13.part.a[b-z] | tar -C /tmp/site -xJf - || return
+    export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site
+    python -c "import flash_attn.cute.interface" && echo "flash-attn-4 installed"
+}
+
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests attention model)
 for stage in "${stages[@]}"; do
@@ -30,6 +39,7 @@ for stage in "${stages[@]}"; do
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
             tests/test_models_norm.py tests/test_models_keep_attention.py \
             tests/test_extract_preprocess.py tests/test_strided_ops.py \
+            tests/test_attention_in_place.py \
             "tests/test_extract_features.py::test_features_on_gpu_equal_direct_model_call" \
             2>&1 | tail -15 ;;
     attention)
@@ -57,6 +67,8 @@ for stage in "${stages[@]}"; do
         wheels
         python tools/bench_slide_task.py --out "$OUT/slide_task.json" 2>&1 \
             | grep -E "^\{|held-out|cohort" ;;
+    fa4)
+        fa4 ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
 done

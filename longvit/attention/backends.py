@@ -383,6 +383,8 @@ class FlashAttn4Backend(_FusedCuda):
     def available(self, device, dtype, head_dim):
         if not (super().available(device, dtype, head_dim) and head_dim % 8 == 0):
             return False
+        if torch.compiler.is_compiling():  # its CuTe DSL calls are not traceable
+            return False
         major = torch.cuda.get_device_capability(device)[0]
         return major in (9, 10) and _fa4() is not None
 
