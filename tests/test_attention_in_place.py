@@ -8,9 +8,14 @@ dense reference; tests/test_attention_gpu.py runs FlashAttention-4 itself where 
 import pytest
 import torch
 
-from longvit.attention import BACKENDS, dilated_attention, dilated_attention_reference
+from longvit.attention import BACKENDS
 from longvit.attention.backends import KernelState, MathBackend
-from tests.test_attention_values import SHAPES, _qkv
+from tests.test_attention_values import (
+    SHAPES,
+    _qkv,
+    check_against_reference,
+    check_packed_against_reference,
+)
 
 
 class StridedMath(MathBackend):
@@ -47,15 +52,8 @@ def strided(monkeypatch):
     return backend
 
 
-def _check(q, k, v, ws, rs, causal, backend="strided_math", **kwargs):
-    out = dilated_attention(q, k, v, ws, rs, causal=causal, backend=backend, **kwargs)
-    ref = dilated_attention_reference(q, k, v, ws, rs, causal=causal, **kwargs)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (q, k, v), grad)
-    for name, g1, g2 in zip("qkv", got, want):
-        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+def _check(q, k, v, ws, rs, causal, **kwargs):
+    check_against_reference(q, k, v, ws, rs, "strided_math", causal=causal, **kwargs)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -83,18 +81,10 @@ def test_kernels_read_the_inputs_in_place_one_call_per_head_group(strided):
 def test_packed_qkv_and_masks(strided):
     """Packed q, k, v (strides of (B, N, 3, H, D)) read in place; a key mask takes the general
     path (gathered inputs) on the same backend. Both equal the reference."""
-    from longvit.attention import dilated_attention_packed
-
     b, n, h, d, ws, rs = SHAPES["H=12 with rates 8 and 16"]
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64, requires_grad=True)
-    out = dilated_attention_packed(qkv, ws, rs, causal=True, backend="strided_math")
-    ref = dilated_attention_reference(*qkv.unbind(2), ws, rs, causal=True)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grad = torch.randn_like(out)
-    (got,) = torch.autograd.grad(out, qkv, grad)
-    (want,) = torch.autograd.grad(ref, qkv, grad)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    check_packed_against_reference(qkv, ws, rs, "strided_math", causal=True)
     assert strided.calls
     mask = torch.zeros(b, n, dtype=torch.bool)
     mask[:, -n // 4 :] = True

@@ -38,8 +38,13 @@ def _compare(case, causal, masked, backend):
     b, n, h, d, ws, rs = case
     q, k, v = _qkv(b, n, h, d)
     mask = _mask(b, n) if masked else None
-    out = dilated_attention(q, k, v, ws, rs, causal=causal, key_padding_mask=mask, backend=backend)
-    ref = dilated_attention_reference(q, k, v, ws, rs, causal=causal, key_padding_mask=mask)
+    return check_against_reference(q, k, v, ws, rs, backend, causal=causal, key_padding_mask=mask)
+
+
+def check_against_reference(q, k, v, ws, rs, backend, **kwargs):
+    """dilated_attention on float64 q, k, v equals the dense reference, values and gradients."""
+    out = dilated_attention(q, k, v, ws, rs, backend=backend, **kwargs)
+    ref = dilated_attention_reference(q, k, v, ws, rs, **kwargs)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -207,12 +212,20 @@ def test_packed_qkv_matches_separate():
     b, n, h, d, ws, rs = SHAPES["H=12 with rates 8 and 16"]
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64, requires_grad=True)
-    out = dilated_attention_packed(qkv, ws, rs, causal=True)
-    ref = dilated_attention_reference(*qkv.unbind(2), ws, rs, causal=True)
+    check_packed_against_reference(qkv, ws, rs, "auto", causal=True)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        dilated_attention_packed(qkv[:, :, :2], ws, rs)
+
+
+def check_packed_against_reference(qkv, ws, rs, backend, **kwargs):
+    """dilated_attention_packed on a float64 (B, N, 3, H, D) qkv equals the reference on its
+    unbound q, k, v, values and the one packed gradient."""
+    from longvit.attention import dilated_attention_packed
+
+    out = dilated_attention_packed(qkv, ws, rs, backend=backend, **kwargs)
+    ref = dilated_attention_reference(*qkv.unbind(2), ws, rs, **kwargs)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, qkv, grad)
     (want,) = torch.autograd.grad(ref, qkv, grad)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="qkv must have shape"):
-        dilated_attention_packed(qkv[:, :, :2], ws, rs)

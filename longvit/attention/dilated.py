@@ -477,9 +477,7 @@ def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
 def _lse_view(win) -> torch.Tensor:
     """A kernel-side LSE call window (C, m, heads, 1) as the kernels' (C, heads, m) view."""
     (c, m, heads, _), (s_c, s_m, s_h, _) = win.shape, win.strides
-    return win.base.as_strided(
-        (c, heads, m), (s_c, s_h, s_m), win.base.storage_offset() + win.offset
-    )
+    return win._replace(shape=(c, heads, m), strides=(s_c, s_h, s_m)).view()
 
 
 def _call_windows(call: _Call, tokens, kernel_side):
