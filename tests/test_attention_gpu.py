@@ -231,3 +231,27 @@ def test_fa4_is_first_in_auto_where_installed():
     assert resolve_backend("auto", dev, torch.bfloat16, 64, 0.0).name == "fa4"
     assert resolve_backend("auto", dev, torch.bfloat16, 64, 0.1).name == "cudnn"  # dropout
     assert resolve_backend("auto", dev, torch.float32, 64, 0.0).name != "fa4"
+
+
+def test_fa4_deterministic_mode_repeats_gradients():
+    """Under torch.use_deterministic_algorithms, FA4's backward does not sum dq with atomics:
+    two runs give the same bits."""
+    _fa4_or_skip()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v, grad = (
+        torch.randn(1, 8192, 12, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(4)
+    )
+    ws, rs = [1024, 2048, 8192], [1, 2, 8]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            lo = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = dilated_attention(*lo, ws, rs, backend="fa4")
+            runs.append(torch.autograd.grad(out, lo, grad))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -418,7 +418,9 @@ class FlashAttn4Backend(_FusedCuda):
 
     def _backward(self, dout, q, k, v, out, lse, causal, dropout_p, scale, state):
         t = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
-        grads = _fa4()._flash_attn_bwd(*t, lse, softmax_scale=scale, causal=causal)
+        grads = _fa4()._flash_attn_bwd(
+            *t, lse, softmax_scale=scale, causal=causal, deterministic=_deterministic()
+        )
         return tuple(g.transpose(1, 2) for g in grads[:3])
 
     def forward_into(self, q, k, v, out, lse, causal, scale) -> None:
@@ -431,8 +433,14 @@ class FlashAttn4Backend(_FusedCuda):
         """Gradients of one call written into dq, dk, dv (B', L, H, D); lse is the merged
         LSE (B', H, L) of the positions, out the merged output."""
         _fa4()._flash_attn_bwd(
-            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv
-        )
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv,
+            deterministic=_deterministic(),
+        )  # fmt: skip
+
+
+def _deterministic() -> bool:
+    """FA4 sums dq with atomics unless asked not to (as torch's own FA4 hook does)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 @functools.cache
