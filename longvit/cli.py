@@ -36,6 +36,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "synthetic cohort -> tiles -> features -> slide classifier -> AUROC + heatmaps",
     ),
+    "env": (
+        "longvit.env_command",
+        "main",
+        "versions, GPU, and the attention backends auto picks here (for bug reports)",
+    ),
 }
 
 
