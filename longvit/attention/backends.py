@@ -23,6 +23,7 @@ so the kernel adds the bias itself and stays on its fastest, mask-free path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -45,9 +46,19 @@ class KernelState:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+class BackendFallbackWarning(RuntimeWarning):
+    """An optional backend (FlashAttention-4) failed, and ``backend="auto"`` went on with the
+    next one for the rest of the process."""
+
+
 class Backend:
     name = "base"
     supports_dropout = True
+    # An optional package's kernels (FA4): if a call chosen by "auto" fails, the op warns once,
+    # drops the backend for this process (``failure`` says why) and runs the call again on the
+    # next one. Explicit requests (backend="fa4") still use it and raise its errors.
+    optional = False
+    failure: str | None = None
     # Whether backward() is exact when handed the merged output and LSE of all branches.
     supports_backward = True
     # Whether forward_into/backward_into read strided (B', L, H, D) windows in place: the
@@ -379,6 +390,7 @@ class FlashAttn4Backend(_FusedCuda):
     name = "fa4"
     supports_dropout = False
     reads_strided = True
+    optional = True
 
     def available(self, device, dtype, head_dim):
         if not (super().available(device, dtype, head_dim) and head_dim % 8 == 0):
@@ -418,9 +430,10 @@ class FlashAttn4Backend(_FusedCuda):
 
     def _backward(self, dout, q, k, v, out, lse, causal, dropout_p, scale, state):
         t = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
-        grads = _fa4()._flash_attn_bwd(
-            *t, lse, softmax_scale=scale, causal=causal, deterministic=_deterministic()
-        )
+        with self._explained():
+            grads = _fa4()._flash_attn_bwd(
+                *t, lse, softmax_scale=scale, causal=causal, deterministic=_deterministic()
+            )
         return tuple(g.transpose(1, 2) for g in grads[:3])
 
     def forward_into(self, q, k, v, out, lse, causal, scale) -> None:
@@ -432,10 +445,28 @@ class FlashAttn4Backend(_FusedCuda):
     def backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, causal, scale) -> None:
         """Gradients of one call written into dq, dk, dv (B', L, H, D); lse is the merged
         LSE (B', H, L) of the positions, out the merged output."""
-        _fa4()._flash_attn_bwd(
-            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv,
-            deterministic=_deterministic(),
-        )  # fmt: skip
+        with self._explained():
+            _fa4()._flash_attn_bwd(
+                q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv,
+                deterministic=_deterministic(),
+            )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _explained(self):
+        """A failing backward cannot fall back (the forward ran on FA4): say what to do, and
+        drop FA4 from auto for the next steps."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self.failure is None:
+                drop_backend(self, e)
+            raise RuntimeError(
+                f"FlashAttention-4's backward failed ({type(e).__name__}: {e}); backend='auto' "
+                "takes the next backend from the next forward on. Pass backend='cudnn' to skip "
+                "FlashAttention-4."
+            ) from e
 
 
 def _deterministic() -> bool:
@@ -493,7 +524,8 @@ def resolve_backend(
         for candidate in AUTO_ORDER:
             b = BACKENDS[candidate]
             if (
-                b.available(device, dtype, head_dim)
+                b.failure is None
+                and b.available(device, dtype, head_dim)
                 and (dropout_p == 0 or b.supports_dropout)
                 and (b.supports_backward or not needs_grad)
             ):
@@ -515,6 +547,19 @@ def resolve_backend(
             "branches); use backend='auto', 'cudnn', 'flash' or 'math' when training"
         )
     return b
+
+
+def drop_backend(backend: Backend, error: BaseException) -> None:
+    """Stop ``auto`` from choosing an optional backend after it failed (warns once)."""
+    import warnings
+
+    backend.failure = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"backend {backend.name!r} failed ({backend.failure[:500]}); backend='auto' uses the "
+        f"next one from now on. Pass backend='cudnn' to skip it.",
+        BackendFallbackWarning,
+        stacklevel=3,
+    )
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

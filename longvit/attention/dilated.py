@@ -22,6 +22,7 @@ and the merged LSE are saved; branch tensors are gathered again in the backward.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from longvit.attention.backends import (
     Backend,
     accumulator_dtype,
     default_scale,
+    drop_backend,
     resolve_backend,
 )
 from longvit.attention.layout import (
@@ -74,6 +76,8 @@ class _Plan:
     # q, k, v may hold heads head_start.. of total_heads (None: all of them)
     head_start: int = 0
     total_heads: int | None = None
+    auto: bool = False  # the backend is "auto"'s choice (``run_with_fallback``)
+    needs_grad: bool = False
 
     def layout(self, num_tokens: int, num_heads: int, w: int, r: int) -> BranchLayout:
         """The branch layout of (w, r) for tensors of num_tokens tokens and num_heads heads."""
@@ -174,7 +178,27 @@ def make_plan(
         backend=resolve_backend(backend, device, dtype, head_dim, dropout_p, needs_grad=needs_grad),
         sp=sp,
         total_heads=total_heads,
+        auto=backend == "auto",
+        needs_grad=needs_grad,
     )
+
+
+def run_with_fallback(run, plan: _Plan, device, dtype, head_dim: int):
+    """(run(plan), plan). Where "auto" chose an optional backend (FlashAttention-4) and run
+    fails, the backend is dropped for the process (one warning) and run goes again on the
+    plan with the next backend for tensors of this device, dtype and head dim:
+    (run(new plan), new plan)."""
+    try:
+        return run(plan), plan
+    except Exception as error:
+        if not (plan.auto and plan.backend.optional) or isinstance(error, torch.OutOfMemoryError):
+            raise
+        drop_backend(plan.backend, error)
+        backend = resolve_backend(
+            "auto", device, dtype, head_dim, plan.dropout_p, needs_grad=plan.needs_grad
+        )
+        plan = dataclasses.replace(plan, backend=backend)
+        return run(plan), plan
 
 
 def dilated_attention_packed(
@@ -669,7 +693,9 @@ class _DilatedAttention(torch.autograd.Function):
         packed = k is None
         if packed:
             q, k, v = q.unbind(2)
-        out, lse, states = _forward(q, k, v, key_valid, plan)
+        (out, lse, states), plan = run_with_fallback(
+            lambda p: _forward(q, k, v, key_valid, p), plan, q.device, q.dtype, q.shape[-1]
+        )
         ctx.save_for_backward(q, k, v, out, lse, key_valid)
         ctx.plan, ctx.states, ctx.packed = plan, states, packed
         return out

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longvit.attention.backends import accumulator_dtype
-from longvit.attention.dilated import _backward, _forward, _Plan
+from longvit.attention.dilated import _backward, _forward, _Plan, run_with_fallback
 
 # Bytes of one chunk's q, k, v together (B x N x 3 x heads x D): the backward holds them and
 # their gradient, the forward them and a float32 accumulator. Layers whose whole q, k, v fit
@@ -92,7 +92,15 @@ def _project(x, w, b, hc):
     return qkv.unbind(2)
 
 
-def _attend(x, weight, bias, key_valid, plan: _Plan, chunks) -> Kept:
+def _attend(x, weight, bias, key_valid, plan: _Plan, chunks) -> tuple[Kept, _Plan]:
+    """The forward and the plan it ran on (another backend where FA4 failed under auto)."""
+    return run_with_fallback(
+        lambda p: _attend_chunks(x, weight, bias, key_valid, p, chunks), plan, x.device,
+        x.dtype, x.shape[-1] // plan.total_heads,
+    )  # fmt: skip
+
+
+def _attend_chunks(x, weight, bias, key_valid, plan: _Plan, chunks) -> Kept:
     """The forward, chunk by chunk (one chunk: its results are the output, no copy)."""
     bsz, n, c = x.shape
     heads = plan.total_heads
@@ -119,7 +127,7 @@ class _ProjectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, key_valid, plan, chunks, kept, box):
         if kept is None:
-            kept = _attend(x, weight, bias, key_valid, plan, chunks)
+            kept, plan = _attend(x, weight, bias, key_valid, plan, chunks)
         out = kept.out.detach()  # a new tensor object: this node's output
         box.append(Kept(out.detach(), kept.lse, kept.states))
         ctx.save_for_backward(x, weight, bias, out, kept.lse, key_valid)
