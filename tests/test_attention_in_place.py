@@ -8,7 +8,7 @@ dense reference; tests/test_attention_gpu.py runs FlashAttention-4 itself where 
 import pytest
 import torch
 
-from longvit.attention import BACKENDS
+from longvit.attention import BACKENDS, MultiheadDilatedAttention
 from longvit.attention.backends import KernelState, MathBackend
 from tests.test_attention_values import (
     SHAPES,
@@ -105,20 +105,9 @@ def test_head_chunked_layer_reads_in_place(strided, monkeypatch):
     """The head-chunked projected layer (chunks of heads of a packed qkv; head offsets count
     from the layer's first head) on the in-place path equals the same layer on the math path."""
     import longvit.attention.module as module
-    from longvit.attention import MultiheadDilatedAttention
 
     monkeypatch.setattr(module, "head_chunks", lambda *a: [(0, 5), (5, 12)])
-    torch.manual_seed(0)
-    args = (48, 12, [8, 16, 32], [1, 2, 8])
-    layer = MultiheadDilatedAttention(*args, backend="strided_math").double()
-    ref_layer = MultiheadDilatedAttention(*args, backend="math").double()
-    ref_layer.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 32, 48, dtype=torch.float64, requires_grad=True)
-    y, y_ref = layer(x), ref_layer(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y)
-    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_ref, x, g)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    _check_layer("strided_math")
     assert strided.calls
 
 
@@ -134,3 +123,72 @@ def test_small_calls_with_many_head_groups_gather(strided, monkeypatch):
     assert not strided.calls
     _check(*_qkv(b, n, h, d), [12, 96], [1, 16], True)
     assert [direction for direction, _ in strided.calls] == ["forward", "backward"]
+
+
+class FakeFA4Interface:
+    """A CPU stand-in for flash_attn.cute.interface: the two entry points longvit calls, with
+    FA4's argument names and layouts ((B', L, H, D) tensors, lse (B', H, L)), computed by the
+    math kernel. It pins how FlashAttn4Backend calls FA4 where CI has no GPU."""
+
+    math = MathBackend()
+
+    def _flash_attn_fwd(self, q, k, v, softmax_scale, causal, return_lse, out=None, lse=None):
+        assert return_lse
+        t = [x.transpose(1, 2) for x in (q, k, v)]
+        o, s, _ = self.math.forward(*t, None, causal, 0.0, softmax_scale)
+        out = torch.empty_like(q) if out is None else out
+        out.copy_(o.transpose(1, 2))
+        lse = s.clone() if lse is None else lse.copy_(s)
+        return out, lse, None, None, None
+
+    def _flash_attn_bwd(
+        self, q, k, v, out, dout, lse, softmax_scale, causal, deterministic, dq=None, dk=None,
+        dv=None,
+    ):  # fmt: skip
+        t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+        grads = self.math.backward(*t, lse, None, causal, 0.0, softmax_scale, KernelState())
+        given = [dq, dk, dv]
+        result = []
+        for dst, g, like in zip(given, grads, (q, k, v)):
+            dst = torch.empty_like(like) if dst is None else dst
+            result.append(dst.copy_(g.transpose(1, 2)))
+        return tuple(result)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "gathered"])
+def test_fa4_backend_calls_fa4_as_documented(in_place, monkeypatch):
+    """The fa4 backend, on a CPU stand-in of FA4's interface: in place and gathered calls,
+    the rate-1 view, masked branches (those go to the next backend) and the head-chunked layer
+    all equal the float64 reference."""
+    import longvit.attention.backends as backends
+    import longvit.attention.dilated as dilated
+
+    fa4 = BACKENDS["fa4"]
+    monkeypatch.setattr(backends, "_fa4", lambda: FakeFA4Interface())
+    monkeypatch.setattr(type(fa4), "available", lambda self, *a: True)
+    monkeypatch.setattr(type(fa4), "_masked", staticmethod(lambda q: BACKENDS["math"]))
+    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 0 if in_place else 2**62)
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    for causal in (False, True):
+        check_against_reference(*_qkv(b, n, h, d), ws, rs, "fa4", causal=causal)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[-1, : n // 3] = True
+    check_against_reference(*_qkv(b, n, h, d), ws, rs, "fa4", key_padding_mask=mask)
+    b, n, h, d, ws, rs = SHAPES["N not a multiple of any segment"]  # padded branches
+    check_against_reference(*_qkv(b, n, h, d), ws, rs, "fa4", causal=True)
+    _check_layer("fa4")
+
+
+def _check_layer(backend: str) -> None:
+    """A float64 MultiheadDilatedAttention on `backend` equals the same layer on math."""
+    torch.manual_seed(0)
+    args = (48, 12, [8, 16, 32], [1, 2, 8])
+    layer = MultiheadDilatedAttention(*args, backend=backend).double()
+    ref_layer = MultiheadDilatedAttention(*args, backend="math").double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 32, 48, dtype=torch.float64, requires_grad=True)
+    y, y_ref = layer(x), ref_layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

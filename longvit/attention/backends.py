@@ -422,33 +422,40 @@ class FlashAttn4Backend(_FusedCuda):
         return cudnn if cudnn.available(q.device, q.dtype, q.shape[-1]) else BACKENDS["flash"]
 
     def _forward(self, q, k, v, causal, dropout_p, scale):
-        out, lse, *_ = _fa4()._flash_attn_fwd(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-            causal=causal, return_lse=True,
-        )  # fmt: skip
+        t = [x.transpose(1, 2) for x in (q, k, v)]
+        out, lse, *_ = self._run_forward(*t, causal, scale)
         return out.transpose(1, 2), lse, KernelState()
 
     def _backward(self, dout, q, k, v, out, lse, causal, dropout_p, scale, state):
-        t = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
-        with self._explained():
-            grads = _fa4()._flash_attn_bwd(
-                *t, lse, softmax_scale=scale, causal=causal, deterministic=_deterministic()
-            )
+        t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+        grads = self._run_backward(*t, lse, causal, scale)
         return tuple(g.transpose(1, 2) for g in grads[:3])
 
     def forward_into(self, q, k, v, out, lse, causal, scale) -> None:
         """q, k, v, out (B', L, H, D) and lse (B', H, L) float32, any aligned strides."""
-        _fa4()._flash_attn_fwd(
-            q, k, v, softmax_scale=scale, causal=causal, return_lse=True, out=out, lse=lse
-        )
+        self._run_forward(q, k, v, causal, scale, out=out, lse=lse)
 
     def backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, causal, scale) -> None:
         """Gradients of one call written into dq, dk, dv (B', L, H, D); lse is the merged
         LSE (B', H, L) of the positions, out the merged output."""
-        with self._explained():
-            _fa4()._flash_attn_bwd(
-                q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, dq=dq, dk=dk, dv=dv,
-                deterministic=_deterministic(),
+        self._run_backward(dout, q, k, v, out, lse, causal, scale, dq=dq, dk=dk, dv=dv)
+
+    def _run_forward(self, q, k, v, causal, scale, **outputs):
+        """FA4's forward on (B', L, H, D) tensors, on their GPU: (out, lse, ...)."""
+        with _on_device_of(q):
+            return _fa4()._flash_attn_fwd(
+                q, k, v, softmax_scale=scale, causal=causal, return_lse=True, **outputs
+            )
+
+    def _run_backward(self, dout, q, k, v, out, lse, causal, scale, **grads):
+        """FA4's backward on (B', L, H, D) tensors, on their GPU: (dq, dk, dv, ...). Under
+        torch.use_deterministic_algorithms it does not sum dq with atomics (as torch's own
+        FA4 hook)."""
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        with _on_device_of(q), self._explained():
+            return _fa4()._flash_attn_bwd(
+                q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
+                deterministic=deterministic, **grads,
             )  # fmt: skip
 
     @contextlib.contextmanager
@@ -469,9 +476,11 @@ class FlashAttn4Backend(_FusedCuda):
             ) from e
 
 
-def _deterministic() -> bool:
-    """FA4 sums dq with atomics unless asked not to (as torch's own FA4 hook does)."""
-    return torch.are_deterministic_algorithms_enabled()
+def _on_device_of(x: torch.Tensor):
+    """x's GPU as the current device (FA4 launches on the current device's stream)."""
+    if x.device.index is None or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 @functools.cache
