@@ -9,6 +9,8 @@ Two paths do this. A branch with no padding and no key mask (the usual case) is 
 its positions are strided windows of the (B, N, H, D) tensors, computed from sizes and
 strides (``windows.py``), that the Triton kernels read and write directly; branches with the
 same tokens per segment and head run as one kernel call on one gather buffer (``_steps``).
+A backend that reads strided windows (FlashAttention-4) gets large calls' positions in place
+instead, one kernel call per head group, no gather (``_in_place``).
 Padded or masked branches, inputs whose batch and sequence axes do not merge, and
 sequence-parallel branches spanning ranks take the general path through views built per
 call (``_local_forward`` / ``_local_backward``).
@@ -22,9 +24,8 @@ and the merged LSE are saved; branch tensors are gathered again in the backward.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -197,7 +198,7 @@ def run_with_fallback(run, plan: _Plan, device, dtype, head_dim: int):
         backend = resolve_backend(
             "auto", device, dtype, head_dim, plan.dropout_p, needs_grad=plan.needs_grad
         )
-        plan = dataclasses.replace(plan, backend=backend)
+        plan = replace(plan, backend=backend)
         return run(plan), plan
 
 
