@@ -197,7 +197,7 @@ def test_triton_data_movement_equals_aten(case, monkeypatch):
 
 
 def _fa4_or_skip():
-    if not BACKENDS["fa4"].available(torch.device("cuda"), torch.bfloat16, 64):
+    if not _usable("fa4", torch.bfloat16, 64):
         pytest.skip("flash-attn-4 not installed (or not a Hopper/Blackwell GPU)")
 
 

@@ -221,36 +221,20 @@ def _fa4_dense(total_tokens: int, length: int, heads: int = 12, dim: int = 64) -
     print(f"         (fa4's first forward + backward, compiling included: {first:.1f} s)")
 
 
-def _in_place_calls(win) -> list[torch.Tensor]:
-    """A token window (C, m, groups, G', X) as FA4 inputs (C, m, heads, X), views: one per group
-    (its G' heads) or one per head of a group (all groups), whichever is fewer."""
-    c, m, groups, gh, x = win.shape
-    s_c, s_m, s_g, s_h, s_x = win.strides
-    at = win.base.storage_offset() + win.offset
-    if groups <= gh:
-        return [
-            win.base.as_strided((c, m, gh, x), (s_c, s_m, s_h, s_x), at + g * s_g)
-            for g in range(groups)
-        ]
-    return [
-        win.base.as_strided((c, m, groups, x), (s_c, s_m, s_g, s_x), at + i * s_h)
-        for i in range(gh)
-    ]
-
-
 def _fa4_branch(n: int, w: int, r: int, heads: int = 12, dim: int = 64) -> None:
     from flash_attn.cute import interface as fa4
 
     from longvit.attention.backends import BACKENDS
     from longvit.attention.layout import BranchLayout
-    from longvit.attention.windows import token_windows
+    from longvit.attention.windows import call_windows, token_windows
 
     cudnn, scale = BACKENDS["cudnn"], dim**-0.5
     lay = BranchLayout.of(n, heads, w, r)
     full = [torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     wins = [token_windows(t, lay, 0, lay.num_segments) for t in full]
     calls = [
-        list(zip(*(_in_place_calls(win[run]) for win in wins))) for run in range(len(lay.runs))
+        list(zip(*([c.view() for c in call_windows(win[run])] for win in wins)))
+        for run in range(len(lay.runs))
     ]
     calls = [c for run in calls for c in run]  # (q, k, v, dout) views per kernel call
 
