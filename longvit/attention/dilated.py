@@ -483,8 +483,9 @@ def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
 # forward + backward on an H200 host), about what gathering this many elements per tensor
 # costs the GPU (five tensors read and written in all: ~0.15 ms). So a call reads in place
 # when it has this many elements or more per extra kernel call; at 65K tokens LongViT's three
-# branches of m = 2048 (one call, seven head groups) gather: 6.5 ms for the op against 7.0 ms
-# in place, while at 262K tokens and above in place wins (docs/benchmarks.md).
+# branches of m = 2048 (one call, seven head groups) gather: 6.5-6.6 ms for the op against
+# 6.9-7.1 ms in place, while at 262K tokens and above in place wins (docs/benchmarks.md,
+# session 7).
 IN_PLACE_ELEMENTS_PER_CALL = 2**24
 
 
