@@ -255,3 +255,42 @@ def test_fa4_deterministic_mode_repeats_gradients():
         torch.use_deterministic_algorithms(before)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomics"])
+def test_fa4_replays_equal_the_wrapper(deterministic, monkeypatch):
+    """FA4's launches replayed from records (longvit.attention.fa4_launch) give what FA4's own
+    wrapper gives, in place and gathered, forward and backward: the same bits where dq is summed
+    deterministically (the semaphores are zero-filled again in each replay)."""
+    _fa4_or_skip()
+    import longvit.attention.backends as backends
+    import longvit.attention.dilated as dilated
+    from longvit.attention import fa4_launch
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v, grad = (
+        torch.randn(1, 16384, 12, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(4)
+    )
+    ws, rs = [1024, 2048, 4096, 8192, 16384], [1, 2, 4, 8, 16]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for elements in (0, 2**62):  # every call in place; every call gathered
+            monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", elements)
+            results = []
+            for launches in (None, fa4_launch.Launches(backends._fa4())):
+                monkeypatch.setattr(backends, "_fa4_launches", lambda launches=launches: launches)
+                for _ in range(3):  # records, then replays
+                    lo = [t.clone().requires_grad_() for t in (q, k, v)]
+                    out = dilated_attention(*lo, ws, rs, backend="fa4")
+                    step = (out, *torch.autograd.grad(out, lo, grad))
+                results.append(step)
+            assert launches.replays > 0 and launches.records, launches.last_spoiled
+            for a, b in zip(*results):
+                if deterministic:
+                    assert torch.equal(a, b)
+                else:
+                    assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-3
+    finally:
+        torch.use_deterministic_algorithms(before)

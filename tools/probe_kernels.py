@@ -30,6 +30,9 @@
    dilated branches read in place.
 12. ``inplace``: the op with every call read in place, every call gathered, and longvit's rule
    (``dilated.IN_PLACE_ELEMENTS_PER_CALL``), on a backend that reads strided windows.
+13. ``host``: where the op's host time goes at 65K tokens (auto backend): the host time to
+   enqueue one forward + backward while the GPU is kept busy, for each in-place choice, and a
+   cProfile of those steps (functions by own time).
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -289,6 +292,55 @@ def probe_in_place() -> None:
         print(f"{n:>9,} tokens, {len(ws):>2} branches: " + " | ".join(cells), flush=True)
         del step
         torch.cuda.empty_cache()
+
+
+def host_time(fn, steps: int = 8) -> float:
+    """Seconds of host time per fn() while the GPU is kept busy, so the host never waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU spinning: the host runs ahead
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t) / steps
+    torch.cuda.synchronize()
+    return host
+
+
+def probe_host(top: int) -> None:
+    """The op's host time per forward + backward at 65K tokens, and where it goes."""
+    import cProfile
+    import pstats
+
+    from longvit.attention import dilated
+
+    step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
+    rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
+    for label, elements in [("in place", 0), ("the rule", rule), ("gathered", 2**62)]:
+        dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
+        host = min(host_time(step) for _ in range(3))
+        idle, back = _synced_median(step), _time(step, 10)
+        print(f"65K {label}: host {host * 1e3:.2f} ms, from idle {idle * 1e3:.2f} ms, back to "
+              f"back {back * 1e3:.2f} ms", flush=True)  # fmt: skip
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e9))
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(8):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(top)
+    dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
+    from longvit.attention.backends import _fa4_launches
+
+    launches = _fa4_launches()
+    if launches is not None:
+        print(
+            f"FA4 replays: {launches.replays} calls replayed, {len(launches.records)} records, "
+            f"{len(launches.tries)} signatures not recorded (last: {launches.last_spoiled})"
+        )
 
 
 def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda") -> None:
@@ -714,7 +766,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline", "compile", "fa4", "inplace"]  # fmt: skip
+              "timeline", "compile", "fa4", "inplace", "host"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -741,6 +793,8 @@ def main(argv=None) -> int:
         probe_fa4(args.tokens, args.lengths)
     if "inplace" in args.probes:
         probe_in_place()
+    if "host" in args.probes:
+        probe_host(args.top)
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:
