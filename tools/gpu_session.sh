@@ -4,8 +4,8 @@
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
-# tests, attention, model, model_4m, probe (step, norms, preprocess), preprocess, op,
-# extract, slide_task. Results go to $OUT
+# fa4_tests, host, tests, attention, model, model_4m, probe (step, norms, preprocess),
+# preprocess, op, extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -69,6 +69,12 @@ for stage in "${stages[@]}"; do
             | grep -E "^\{|held-out|cohort" ;;
     fa4)
         fa4 ;;
+    fa4_tests)  # after fa4: the tests that run FlashAttention-4 and its replays
+        python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
+            tests/test_attention_in_place.py tests/test_fa4_launch.py 2>&1 | tail -15 ;;
+    host)  # the op's host time at 65K, FA4's launches replayed and not
+        LONGVIT_FA4_REPLAY=0 python tools/probe_kernels.py host --top 18
+        python tools/probe_kernels.py host --top 18 ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
 done
