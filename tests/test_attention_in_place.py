@@ -72,7 +72,8 @@ def test_kernels_read_the_inputs_in_place_one_call_per_head_group(strided):
     _check(q, k, v, ws, rs, False)
     forward = [view for direction, view in strided.calls if direction == "forward"]
     assert len(forward) == 2 + 3 + 2 + 1
-    assert len(strided.calls) == 2 * len(forward)
+    # the backward also runs the rate-1 branch in place: its gradients go straight into dq, dk, dv
+    assert len(strided.calls) == 2 * len(forward) + 1
     for _, view in strided.calls:
         assert view.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
     assert sorted(view.shape[2] for view in forward) == [4, 4, 4, 6, 6, 6, 6, 12]
@@ -114,15 +115,17 @@ def test_head_chunked_layer_reads_in_place(strided, monkeypatch):
 def test_small_calls_with_many_head_groups_gather(strided, monkeypatch):
     """At the default size rule, a small call that would take several in-place kernel calls
     (LongViT's rates: 8 head groups in one batched call) is gathered into one call, while a
-    call of one head group (rate 16 with 12 heads: one diagonal window) still reads in place."""
+    call of one head group (rate 16 with 12 heads: one diagonal window) still reads in place.
+    The rate-1 branch's backward always writes its gradients straight into dq, dk, dv."""
     import longvit.attention.dilated as dilated
 
     monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 2**24)
     b, n, h, d, ws, rs = SHAPES["LongViT rates"]
     _check(*_qkv(b, n, h, d), ws, rs, False)
-    assert not strided.calls
+    assert [direction for direction, _ in strided.calls] == ["backward"]
+    strided.calls.clear()
     _check(*_qkv(b, n, h, d), [12, 96], [1, 16], True)
-    assert [direction for direction, _ in strided.calls] == ["forward", "backward"]
+    assert [direction for direction, _ in strided.calls] == ["forward", "backward", "backward"]
 
 
 class FakeFA4Interface:

@@ -308,10 +308,9 @@ def host_time(fn, steps: int = 8) -> float:
 
 
 def probe_host(top: int) -> None:
-    """The op's host time per forward + backward at 65K tokens, and where it goes."""
-    import cProfile
-    import pstats
-
+    """The op's host time per forward + backward at 65K tokens, and where it goes: time from an
+    idle GPU, back to back, and with the host given a head start (the GPU sleeps first, that
+    sleep subtracted): what the GPU waits on the host for."""
     from longvit.attention import dilated
 
     step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
@@ -320,18 +319,12 @@ def probe_host(top: int) -> None:
         dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
         host = min(host_time(step) for _ in range(3))
         idle, back = _synced_median(step), _time(step, 10)
+        ahead = ", ".join(
+            f"{us} us ahead {head_start(step, us) * 1e3:.2f}" for us in (200, 500, 1000)
+        )
         print(f"65K {label}: host {host * 1e3:.2f} ms, from idle {idle * 1e3:.2f} ms, back to "
-              f"back {back * 1e3:.2f} ms", flush=True)  # fmt: skip
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e9))
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(8):
-            step()
-        prof.disable()
-        torch.cuda.synchronize()
-        stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(top)
+              f"back {back * 1e3:.2f} ms; {ahead}", flush=True)  # fmt: skip
+        host_parts(step)
     dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
     from longvit.attention.backends import _fa4_launches
 
@@ -341,6 +334,73 @@ def probe_host(top: int) -> None:
             f"FA4 replays: {launches.replays} calls replayed, {len(launches.records)} records, "
             f"{len(launches.tries)} signatures not recorded (last: {launches.last_spoiled})"
         )
+
+
+def head_start(fn, us: int, iters: int = 20) -> float:
+    """Median seconds of fn() from an idle GPU when the GPU first sleeps ``us`` microseconds
+    (the host runs ahead meanwhile), that sleep subtracted."""
+    import statistics
+
+    cycles = int(us * 1e-6 * torch.cuda.get_device_properties(0).clock_rate * 1e3)
+
+    def timed(with_fn: bool) -> float:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(cycles)
+        if with_fn:
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3
+
+    fn()
+    both = statistics.median(timed(True) for _ in range(iters))
+    sleep = statistics.median(timed(False) for _ in range(iters))
+    return both - sleep
+
+
+def host_parts(step, steps: int = 8) -> None:
+    """Host time per step by part (wall clock around each call, the GPU kept busy)."""
+    from longvit.attention import dilated
+    from longvit.attention.backends import BACKENDS
+
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+
+        return run
+
+    patched = []
+    for name in ("merge_rows", "copy_rows", "copy_rows_many", "add_rows_many", "_steps",
+                 "make_plan", "_forward", "_backward", "backward_lse"):  # fmt: skip
+        patched.append((dilated, name, getattr(dilated, name)))
+    backend = BACKENDS["fa4"] if BACKENDS["fa4"].available(
+        torch.device("cuda"), torch.bfloat16, 64
+    ) else BACKENDS["cudnn"]  # fmt: skip
+    for name in ("forward", "backward", "forward_into", "backward_into"):
+        if hasattr(backend, name):
+            patched.append((backend, name, getattr(backend, name)))
+    for owner, name, fn in patched:
+        setattr(owner, name, timed(name, fn))
+    try:
+        step()
+        spent.clear()
+        total = host_time(step, steps)
+    finally:
+        for owner, name, fn in patched:
+            if owner is backend:
+                delattr(owner, name)  # back to the class's method
+            else:
+                setattr(owner, name, fn)
+    parts = ", ".join(f"{k} {v / (steps + 1) * 1e3:.2f}" for k, v in sorted(spent.items()))
+    print(f"    host ms per step by part (step {total * 1e3:.2f}): {parts}", flush=True)
 
 
 def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda") -> None:

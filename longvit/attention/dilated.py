@@ -400,9 +400,26 @@ class _Call:
 BATCH_FLOOR = 2**26
 
 
-def _steps(plan: _Plan, q, k, v, key_valid) -> list:
+_STEPS: dict[tuple, tuple] = {}  # _steps per plan and q, k, v layout (same every step)
+
+
+def _steps(plan: _Plan, q, k, v, key_valid) -> tuple:
     """The branches' work in order: a _Call where windows apply (local branch, no padding, no
-    key mask), else (w, r, copy) for the general path (padding, masks, sequence-parallel)."""
+    key mask), else (w, r, copy) for the general path (padding, masks, sequence-parallel).
+    Remembered per plan and layout of q, k, v: working it out costs ~0.1 ms of host time."""
+    if plan.sp is not None:  # a new plan per call
+        return _make_steps(plan, q, k, v, key_valid)
+    layout = (tuple(q.shape), q.stride(), k.stride(), v.stride())
+    key = (plan, key_valid is None, *layout, CHUNK_ELEMENTS, BATCH_FLOOR)
+    steps = _STEPS.get(key)
+    if steps is None:
+        if len(_STEPS) >= 1024:
+            _STEPS.clear()
+        steps = _STEPS[key] = _make_steps(plan, q, k, v, key_valid)
+    return steps
+
+
+def _make_steps(plan: _Plan, q, k, v, key_valid) -> tuple:
     b, n, h, d = q.shape
     branches = _ordered(plan)
     first_copies = _starts_covered(plan, branches)
@@ -433,7 +450,7 @@ def _steps(plan: _Plan, q, k, v, key_valid) -> list:
             steps.append(_Call(((lay, 0, rows),), False))
             continue
         steps.extend(_Call(((lay, c0, c1),), copy) for c0, c1 in _chunks(lay, rows, h * d))
-    return steps
+    return tuple(steps)
 
 
 def _forward(q, k, v, key_valid, plan: _Plan):
@@ -569,6 +586,11 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
     if call.is_view:
         lay, c0, c1 = call.pieces[0]
         lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1).contiguous()  # kernels want (C, H, w)
+        if call.copy and plan.backend.reads_strided and all(map(aligned, (*tensors, *grads))):
+            # the first branch's gradients are the start of grads: the kernel writes them there
+            views = [kernel_view(t, lay, c0, c1).transpose(1, 2) for t in (*tensors, *grads)]
+            plan.backend.backward_into(*views[:5], lse_k, *views[5:], plan.causal, plan.scale)
+            return
     else:
         lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
         for lay, c0, c1, at in call.spans():
