@@ -71,10 +71,12 @@ for stage in "${stages[@]}"; do
         fa4 ;;
     fa4_tests)  # after fa4: the tests that run FlashAttention-4 and its replays
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
-            tests/test_attention_in_place.py tests/test_fa4_launch.py 2>&1 | tail -15 ;;
-    host)  # the op's host time at 65K, FA4's launches replayed and not
-        LONGVIT_FA4_REPLAY=0 python tools/probe_kernels.py host --top 18
-        python tools/probe_kernels.py host --top 18 ;;
+            tests/test_attention_in_place.py tests/test_fa4_launch.py > "$OUT/fa4_tests.txt" 2>&1
+        tail -15 "$OUT/fa4_tests.txt" ;;
+    host)  # the op's host time at 65K (FA4's launches replayed), and the 65K benchmark row
+        python tools/probe_kernels.py host 2>&1 | grep -v Warning | tee "$OUT/host.txt"
+        python tools/bench_attention.py --configs longvit8192_d768 --warmup 5 --iters 20 \
+            --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -8 ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
 done
