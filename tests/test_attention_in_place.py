@@ -195,3 +195,29 @@ def _check_layer(backend: str) -> None:
     g = torch.randn_like(y)
     (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_ref, x, g)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["merges last", "merges between"])
+def test_merges_wait_for_the_kernels_on_small_inputs(defer, strided, monkeypatch):
+    """Below DEFER_MERGES_ELEMENTS the forward runs every kernel call before merging (the GPU
+    gets its long kernels first); above, each call is merged as it comes. Same values either
+    way, with padded (general-path) branches in between as well."""
+    import longvit.attention.dilated as dilated
+
+    monkeypatch.setattr(dilated, "DEFER_MERGES_ELEMENTS", 2**62 if defer else 0)
+    events = []
+    merge_rows = dilated.merge_rows
+    monkeypatch.setattr(
+        dilated, "merge_rows", lambda *a: (events.append("merge"), merge_rows(*a))[1]
+    )
+    forward_into = strided.forward_into
+    monkeypatch.setattr(
+        strided, "forward_into", lambda *a: (events.append("kernel"), forward_into(*a))[1]
+    )
+    b, n, h, d, ws, rs = SHAPES["LongViT rates"]
+    _check(*_qkv(b, n, h, d), ws, rs, False)
+    first_merge = events.index("merge")
+    assert ("kernel" in events[first_merge:]) is not defer
+    for case in ("N not a multiple of any segment", "H=12 with rates 8 and 16"):
+        b, n, h, d, ws, rs = SHAPES[case]
+        _check(*_qkv(b, n, h, d), ws, rs, True)

@@ -453,6 +453,14 @@ def _make_steps(plan: _Plan, q, k, v, key_valid) -> tuple:
     return tuple(steps)
 
 
+# Below this many elements per q/k/v tensor, the op runs every kernel call of the forward before
+# merging their outputs (all of them alive at once: ~2x a q tensor more memory), so that the GPU
+# gets its long kernels while the host works out the merges. At 65K tokens the host, not the
+# GPU, sets the pace of the op, and a step started on an idle GPU otherwise waits for it
+# (docs/benchmarks.md, session 8).
+DEFER_MERGES_ELEMENTS = 2**26
+
+
 def _forward(q, k, v, key_valid, plan: _Plan):
     b, n, h, d = q.shape
     acc_dtype = accumulator_dtype(q.dtype)
@@ -461,17 +469,25 @@ def _forward(q, k, v, key_valid, plan: _Plan):
     acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
     acc_lse = torch.full((b, n, h, 1), NO_KEY, dtype=acc_dtype, device=q.device)
     steps = _steps(plan, q, k, v, key_valid)
+    defer = q.numel() <= DEFER_MERGES_ELEMENTS
+    pending: list = []  # (call, o, lse) whose merge waits
     states: list = []
     for step in steps:
         if isinstance(step, _Call):
-            states.append(_call_forward(q, k, v, step, plan, acc, acc_lse))
+            o, lse, state = _call_kernels(q, k, v, step, plan)
+            states.append(state)
+            pending.append((step, o, lse))
+            if not defer:
+                _merge_calls(pending, acc, acc_lse)
             continue
+        _merge_calls(pending, acc, acc_lse)  # the general path merges into merged results
         w, r, copy = step
         if _is_local(plan, w):
             lay = plan.layout(n, h, w, r)
             states.append(_local_forward(q, k, v, key_valid, lay, plan, acc, acc_lse, copy))
         else:
             states.append(plan.sp.branch_forward(q, k, v, key_valid, w, r, plan, acc, acc_lse))
+    _merge_calls(pending, acc, acc_lse)
     return acc.to(q.dtype), acc_lse.squeeze(-1), (steps, states)
 
 
@@ -561,23 +577,28 @@ def _in_place_backward(tensors, lse_k, call: _Call, plan: _Plan) -> list[torch.T
     return grads
 
 
-def _call_forward(q, k, v, call: _Call, plan: _Plan, acc, acc_lse):
-    """Run one call and merge its rows into acc (B, N, H, D), acc_lse (B, N, H, 1) in place."""
+def _call_kernels(q, k, v, call: _Call, plan: _Plan):
+    """Run one call's kernels: (o (rows, H, m, D), lse (rows, H, m), kernel state)."""
     if _in_place(plan, call, (q, k, v)):
-        (o, lse), state = _in_place_forward(q, k, v, call, plan), None
-    else:
-        o, lse, state = plan.backend.forward(
-            *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
-        )
-    for lay, c0, c1, at in call.spans():
-        for parts in zip(
-            token_windows(acc, lay, c0, c1),
-            token_windows(acc_lse, lay, c0, c1),
-            kernel_windows(o, lay, at, at + c1 - c0),
-            kernel_windows(lse, lay, at, at + c1 - c0),
-        ):
-            merge_rows(*parts, call.copy)
-    return state
+        return *_in_place_forward(q, k, v, call, plan), None
+    return plan.backend.forward(
+        *_kernel_inputs(call, (q, k, v)), None, plan.causal, plan.dropout_p, plan.scale
+    )
+
+
+def _merge_calls(pending: list, acc, acc_lse) -> None:
+    """Merge each (call, o, lse) of pending into acc (B, N, H, D), acc_lse (B, N, H, 1) in
+    place, in order; empties pending."""
+    for call, o, lse in pending:
+        for lay, c0, c1, at in call.spans():
+            for parts in zip(
+                token_windows(acc, lay, c0, c1),
+                token_windows(acc_lse, lay, c0, c1),
+                kernel_windows(o, lay, at, at + c1 - c0),
+                kernel_windows(lse, lay, at, at + c1 - c0),
+            ):
+                merge_rows(*parts, call.copy)
+    pending.clear()
 
 
 def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, grads) -> None:
