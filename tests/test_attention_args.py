@@ -64,3 +64,27 @@ def test_module_errors():
     layer = MultiheadDilatedAttention(12, 3, [4, 8], [1, 2])
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, 12\)"):
         layer(torch.randn(1, 8, 10))
+
+
+def test_plans_are_remembered_until_a_backend_is_dropped():
+    """make_plan's result is kept per plain arguments (host time before the first kernel);
+    dropping a backend makes auto choose again."""
+    from longvit.attention import dilated
+    from longvit.attention.backends import BACKENDS, drop_backend
+
+    args = (64, 8, torch.device("cpu"), torch.float32, [16, 32], [1, 2])
+    kw = dict(causal=False, dropout_p=0.0, scale=None, backend="auto", sp_group=None,
+              needs_grad=True)  # fmt: skip
+    plan = dilated.make_plan(*args, **kw)
+    assert dilated.make_plan(*args, **kw) is plan
+    assert dilated.make_plan(*args, **{**kw, "causal": True}) is not plan
+    tensor_rates = (*args[:5], [torch.tensor(1), torch.tensor(2)])
+    assert dilated.make_plan(*tensor_rates, **kw) is not dilated.make_plan(*tensor_rates, **kw)
+    cpu_flash = BACKENDS["cpu_flash"]
+    assert plan.backend is cpu_flash
+    try:
+        with pytest.warns(Warning):
+            drop_backend(cpu_flash, RuntimeError("test"))
+        assert dilated.make_plan(*args, **kw).backend is BACKENDS["math"]
+    finally:
+        cpu_flash.failure = None

@@ -326,6 +326,7 @@ def probe_host(top: int) -> None:
               f"back {back * 1e3:.2f} ms; {ahead}", flush=True)  # fmt: skip
         host_parts(step)
     dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
+    launch_costs()
     from longvit.attention.backends import _fa4_launches
 
     launches = _fa4_launches()
@@ -358,6 +359,60 @@ def head_start(fn, us: int, iters: int = 20) -> float:
     both = statistics.median(timed(True) for _ in range(iters))
     sleep = statistics.median(timed(False) for _ in range(iters))
     return both - sleep
+
+
+def launch_costs(calls: int = 100) -> None:
+    """Host microseconds per call, the GPU kept busy: merge_rows (longvit's wrapper and the bare
+    Triton launch), FA4's forward and backward on a small call (its wrapper and the replay)."""
+    from longvit.attention import strided_ops
+    from longvit.attention.backends import BACKENDS, _fa4
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(1e9))
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        cost = (time.perf_counter() - t) / calls
+        torch.cuda.synchronize()
+        return cost * 1e6
+
+    dev = torch.device("cuda")
+    acc = torch.zeros(32, 256, 2, 6, 64, device=dev)
+    acc_lse = torch.zeros(32, 256, 2, 6, 1, device=dev)
+    o = torch.randn(32, 256, 2, 6, 64, device=dev, dtype=torch.bfloat16)
+    lse = torch.zeros(32, 256, 2, 6, 1, device=dev)
+    grid, n1, n_heads, meta = strided_ops._geometry(tuple(acc.shape))
+    _, merge_kernel = strided_ops._kernels()
+
+    def bare():
+        merge_kernel[grid](
+            acc, acc_lse, o, lse, 0, 0, 0, 0, n1, n_heads,
+            *acc.stride()[:4], *acc_lse.stride()[:4], *o.stride()[:4], *lse.stride()[:4],
+            COPY=False, **meta,
+        )  # fmt: skip
+
+    cells = [
+        f"merge_rows {per_call(lambda: strided_ops.merge_rows(acc, acc_lse, o, lse, False)):.1f}",
+        f"bare Triton merge launch {per_call(bare):.1f}",
+        f"ATen copy_ {per_call(lambda: acc.copy_(o)):.1f}",
+    ]
+    fa4 = BACKENDS["fa4"]
+    if fa4.available(dev, torch.bfloat16, 64):
+        q, k, v, out, dout = (
+            torch.randn(16, 512, 6, 64, device=dev, dtype=torch.bfloat16) for _ in range(5)
+        )
+        lse4 = torch.zeros(16, 6, 512, device=dev)
+        dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+        fwd, bwd = _fa4()._flash_attn_fwd, _fa4()._flash_attn_bwd
+        cells += [
+            f"FA4 forward wrapper {per_call(lambda: fwd(q, k, v, softmax_scale=0.125, causal=False, return_lse=True, out=out, lse=lse4)):.1f}",  # noqa: E501
+            f"replayed {per_call(lambda: fa4.forward_into(q, k, v, out, lse4, False, 0.125)):.1f}",
+            f"FA4 backward wrapper {per_call(lambda: bwd(q, k, v, out, dout, lse4, softmax_scale=0.125, causal=False, dq=dq, dk=dk, dv=dv)):.1f}",  # noqa: E501
+            f"replayed {per_call(lambda: fa4.backward_into(dout, q, k, v, out, lse4, dq, dk, dv, False, 0.125)):.1f}",  # noqa: E501
+        ]
+    print("host us per call: " + ", ".join(cells), flush=True)
 
 
 def host_parts(step, steps: int = 8) -> None:

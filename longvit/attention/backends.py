@@ -546,6 +546,9 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = ("fa4", "cudnn", "flash", "efficient", "cpu_flash", "math")
 
 
+DROPPED = 0  # backends dropped so far (a choice remembered before a drop is stale)
+
+
 def resolve_backend(
     name: str,
     device: torch.device,
@@ -588,6 +591,8 @@ def drop_backend(backend: Backend, error: BaseException) -> None:
     """Stop ``auto`` from choosing an optional backend after it failed (warns once)."""
     import warnings
 
+    global DROPPED
+    DROPPED += 1
     backend.failure = f"{type(error).__name__}: {error}"
     warnings.warn(
         f"backend {backend.name!r} failed ({backend.failure[:500]}); backend='auto' uses the "

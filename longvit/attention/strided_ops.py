@@ -96,7 +96,7 @@ class Strided(NamedTuple):
 
 def _usable(*windows: torch.Tensor | Strided, elements: int | None = None) -> bool:
     """Whether the kernels apply to these windows (``elements``: what one launch moves, the
-    first window's size by default)."""
+    first window's size by default; below MIN_ELEMENTS ATen's one launch does as well)."""
     if not _enabled or torch.compiler.is_compiling():
         return False
     windows = [Strided.of(w) for w in windows]
@@ -267,7 +267,10 @@ def merge_rows(
             f"merge_rows: acc {tuple(acc.shape)} / o {tuple(o.shape)} or acc_lse "
             f"{tuple(acc_lse.shape)} / lse {tuple(lse.shape)} differ"
         )
-    fast = acc.dtype == acc_lse.dtype == torch.float32 and _usable(acc, acc_lse, o, lse)
+    # whatever its size: ATen takes six launches for one merge
+    fast = acc.dtype == acc_lse.dtype == torch.float32 and _usable(
+        acc, acc_lse, o, lse, elements=MIN_ELEMENTS
+    )
     if fast and acc.numel() == 0:
         return
     if fast:
