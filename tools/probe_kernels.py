@@ -325,6 +325,7 @@ def probe_host(top: int) -> None:
         print(f"65K {label}: host {host * 1e3:.2f} ms, from idle {idle * 1e3:.2f} ms, back to "
               f"back {back * 1e3:.2f} ms; {ahead}", flush=True)  # fmt: skip
         host_parts(step)
+        phases()
     dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
     launch_costs()
     from longvit.attention.backends import _fa4_launches
@@ -359,6 +360,31 @@ def head_start(fn, us: int, iters: int = 20) -> float:
     both = statistics.median(timed(True) for _ in range(iters))
     sleep = statistics.median(timed(False) for _ in range(iters))
     return both - sleep
+
+
+def phases(n: int = 65536) -> None:
+    """The op's forward and its backward timed apart, each from an idle GPU and back to back:
+    which of the two waits on the host."""
+    from longvit.attention import dilated_attention
+
+    q, k, v = (
+        torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    go = torch.randn_like(q)
+    ws, rs = [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16]
+    saved = {}
+
+    def forward():
+        saved["out"] = dilated_attention(q, k, v, ws, rs)
+
+    def backward():
+        torch.autograd.grad(saved["out"], (q, k, v), go, retain_graph=True)
+
+    forward()
+    cells = [f"forward {_synced_median(forward) * 1e3:.2f}/{_time(forward, 10) * 1e3:.2f}"]
+    cells.append(f"backward {_synced_median(backward) * 1e3:.2f}/{_time(backward, 10) * 1e3:.2f}")
+    print("    ms from idle / back to back: " + ", ".join(cells), flush=True)
 
 
 def launch_costs(calls: int = 100) -> None:
