@@ -752,33 +752,40 @@ def probe_compile(tokens: int = 16384) -> None:
 
 
 def probe_timeline(path: Path) -> None:
-    """Where the GPU waits in one op step at 65K tokens started on an idle GPU: the gaps between
-    its kernels (a Chrome trace of the step is written to path)."""
+    """Where the GPU waits in one op step at 65K tokens started on an idle GPU, every call read in
+    place and by longvit's rule: the kernels in order (start after the first CPU op, duration)
+    and the gaps between them (a Chrome trace of each step is written next to path)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from longvit.attention import dilated
+
     step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
+    rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
+    for label, elements in [("in place", 0), ("the rule", rule)]:
+        dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
+        for _ in range(5):
+            step()
         torch.cuda.synchronize()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text())["traceEvents"]
-    gpu = ("kernel", "gpu_memcpy", "gpu_memset")
-    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                     if e.get("cat") in gpu)  # fmt: skip
-    first_cpu = min(e["ts"] for e in events if e.get("cat") == "cpu_op")
-    busy = sum(end - start for start, end, _ in kernels)
-    span = kernels[-1][1] - kernels[0][0]
-    print(f"op step, 65,536 tokens: first CPU op to first kernel {kernels[0][0] - first_cpu:.0f} "
-          f"us; first to last kernel {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms; "
-          "gaps over 20 us:")  # fmt: skip
-    for (_, end, before), (start, _, after) in zip(kernels, kernels[1:]):
-        if start - end > 20:
-            print(f"  {(start - end):7.0f} us  after {before[:50]!r}  before {after[:50]!r}")
-    print(f"trace: {path}")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        out = path.with_name(f"{path.stem}_{label.replace(' ', '_')}{path.suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(out))
+        events = json.loads(out.read_text())["traceEvents"]
+        gpu = ("kernel", "gpu_memcpy", "gpu_memset")
+        kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                         if e.get("cat") in gpu)  # fmt: skip
+        first_cpu = min(e["ts"] for e in events if e.get("cat") == "cpu_op")
+        busy = sum(end - start for start, end, _ in kernels)
+        span = kernels[-1][1] - first_cpu
+        print(f"{label}: first CPU op to last kernel {span / 1e3:.2f} ms, kernels busy "
+              f"{busy / 1e3:.2f} ms; kernels (start us, duration us, gap before us):")  # fmt: skip
+        last = first_cpu
+        for start, end, name in kernels:
+            print(f"  {start - first_cpu:7.0f} {end - start:6.0f} {start - last:6.0f} {name[:40]}")
+            last = end
+    dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
 
 
 def probe_tiles() -> None:
