@@ -307,7 +307,7 @@ def host_time(fn, steps: int = 8) -> float:
     return host
 
 
-def probe_host(top: int) -> None:
+def probe_host() -> None:
     """The op's host time per forward + backward at 65K tokens, and where it goes: time from an
     idle GPU, back to back, and with the host given a head start (the GPU sleeps first, that
     sleep subtracted): what the GPU waits on the host for."""
@@ -942,7 +942,7 @@ def main(argv=None) -> int:
     if "inplace" in args.probes:
         probe_in_place()
     if "host" in args.probes:
-        probe_host(args.top)
+        probe_host()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:
