@@ -424,9 +424,7 @@ class _Call:
     """One kernel call over segment rows of branches that need no padding and no key mask,
     all with the same m (tokens per segment and head): ``pieces`` are (layout, c0, c1), rows
     c0..c1 of that branch's B * S segment rows. Branches of equal m (LongViT's schedules have
-    several) run as one call on one gather buffer: fewer, larger kernel launches. A branch that
-    a backend reads in place on its own (``_in_place``) keeps a call of its own: batching it
-    would add a gather."""
+    several) run as one call on one gather buffer: fewer, larger kernel launches."""
 
     pieces: tuple[tuple[BranchLayout, int, int], ...]
     copy: bool  # the first branch, covering everything: copied into the accumulators
@@ -468,9 +466,8 @@ def _steps(plan: _Plan, q, k, v, key_valid) -> tuple:
     Remembered per plan and layout of q, k, v: working it out costs ~0.1 ms of host time."""
     if plan.sp is not None:  # a new plan per call
         return _make_steps(plan, q, k, v, key_valid)
-    layout = [(t.stride(), t.data_ptr() % 16) for t in (q, k, v)]  # strides, alignment
-    rules = (CHUNK_ELEMENTS, BATCH_FLOOR, IN_PLACE_ELEMENTS_PER_CALL)
-    key = (plan, key_valid is None, tuple(q.shape), *layout, *rules)
+    layout = (tuple(q.shape), q.stride(), k.stride(), v.stride())
+    key = (plan, key_valid is None, *layout, CHUNK_ELEMENTS, BATCH_FLOOR)
     steps = _STEPS.get(key)
     if steps is None:
         if len(_STEPS) >= 1024:
@@ -502,10 +499,6 @@ def _make_steps(plan: _Plan, q, k, v, key_valid) -> tuple:
             continue
         rows = b * lay.num_segments
         if r > 1 and not copy and size[index] <= budget:
-            alone = _Call(((lay, 0, rows),), False)
-            if _in_place(plan, alone, (q, k, v)):  # read in place: no gather buffer to share
-                steps.append(alone)
-                continue
             at = batched.get(lay.m)
             if at is not None and (steps[at].rows + rows) * lay.m * h * d <= budget:
                 steps[at] = _Call((*steps[at].pieces, (lay, 0, rows)), False)
