@@ -2,7 +2,8 @@
 
 Prints the versions that matter (Python, torch, CUDA, cuDNN, the optional packages), the GPU,
 which attention backends run on it for a dtype and head dim, the one ``backend="auto"`` picks
-for training and for inference, and whether the Triton data-movement kernels are on.
+for training and for inference, whether the Triton data-movement kernels are on and how
+FlashAttention-4's kernels are launched.
 
     longvit env                       # bf16, head dim 64, on the GPU if there is one
     longvit env --dtype float32 --head-dim 128 --device cpu
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 
@@ -83,7 +85,26 @@ def report(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     triton = "on" if strided_ops._enabled else "off (LONGVIT_TRITON=0 or a failed launch)"
     where = "" if device.type == "cuda" else " (used on CUDA tensors only)"
     lines.append(f"Triton data movement: {triton}{where}")
+    lines.append(f"FlashAttention-4 launches: {fa4_launches()}")
     return "\n".join(lines)
+
+
+def fa4_launches() -> str:
+    """How FA4's kernels are launched: replayed from records (``attention.fa4_launch``) or
+    through its own wrapper, and why."""
+    from longvit.attention import fa4_launch
+
+    version = fa4_launch.fa4_version()
+    if version is None:
+        return "- (flash-attn-4 not installed)"
+    forced = " (LONGVIT_FA4_REPLAY)" if "LONGVIT_FA4_REPLAY" in os.environ else ""
+    if fa4_launch.replay_enabled(version):
+        return f"replayed per call signature{forced}; LONGVIT_FA4_REPLAY=0 turns that off"
+    if forced:
+        return f"through FA4's wrapper{forced}"
+    tested = ", ".join(fa4_launch.TESTED_VERSIONS)
+    return (f"through FA4's wrapper: replays are tested with flash-attn-4 {tested}, this is "
+            f"{version} (LONGVIT_FA4_REPLAY=1 replays anyway)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,3 +29,19 @@ def test_env_cuda_without_a_gpu_is_a_clear_error(capsys):
         cli.main(["env", "--device", "cuda"])
     assert err.value.code == 2
     assert "no CUDA device (use --device cpu)" in capsys.readouterr().err
+
+
+def test_env_says_how_fa4_is_launched(monkeypatch):
+    from longvit import env_command
+    from longvit.attention import fa4_launch
+
+    monkeypatch.delenv("LONGVIT_FA4_REPLAY", raising=False)
+    monkeypatch.setattr(fa4_launch, "fa4_version", lambda: None)
+    assert "not installed" in env_command.fa4_launches()
+    monkeypatch.setattr(fa4_launch, "fa4_version", lambda: fa4_launch.TESTED_VERSIONS[0])
+    assert env_command.fa4_launches().startswith("replayed per call signature")
+    monkeypatch.setattr(fa4_launch, "fa4_version", lambda: "4.9.0")
+    assert "LONGVIT_FA4_REPLAY=1 replays anyway" in env_command.fa4_launches()
+    monkeypatch.setenv("LONGVIT_FA4_REPLAY", "0")
+    monkeypatch.setattr(fa4_launch, "fa4_version", lambda: fa4_launch.TESTED_VERSIONS[0])
+    assert env_command.fa4_launches() == "through FA4's wrapper (LONGVIT_FA4_REPLAY)"
