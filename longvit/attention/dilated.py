@@ -169,11 +169,32 @@ def make_plan(
             plan = _PLANS.get(key)
             if plan is not None:
                 return plan
-    plan = _make_plan(
-        n_local, head_dim, device, dtype, segment_lengths, dilation_rates, causal=causal,
-        dropout_p=dropout_p, scale=scale, backend=backend, sp_group=sp_group,
-        needs_grad=needs_grad, total_heads=total_heads,
-    )  # fmt: skip
+    sp = None
+    if sp_group is not None:
+        from longvit.attention.sequence_parallel import SequenceParallel
+
+        sp = SequenceParallel(sp_group, n_local)
+    n = n_local if sp is None else sp.n_global
+    if isinstance(segment_lengths, str):
+        if segment_lengths != "auto":
+            raise ValueError(f"segment_lengths must be a list or 'auto', got {segment_lengths!r}")
+        segment_lengths = segment_schedule(n, dilation_rates)
+    segment_lengths = [int(w) if _is_int(w) else w for w in segment_lengths]
+    dilation_rates = [int(r) if _is_int(r) else r for r in dilation_rates]
+    check_schedule(segment_lengths, dilation_rates)
+    if sp is not None:
+        sp.check_branches(segment_lengths, dilation_rates)
+    plan = _Plan(
+        branches=tuple(zip(segment_lengths, dilation_rates)),
+        causal=bool(causal),
+        dropout_p=float(dropout_p),
+        scale=default_scale(head_dim, scale),
+        backend=resolve_backend(backend, device, dtype, head_dim, dropout_p, needs_grad=needs_grad),
+        sp=sp,
+        total_heads=total_heads,
+        auto=backend == "auto",
+        needs_grad=needs_grad,
+    )
     if key is not None:
         if len(_PLANS) >= 1024:
             _PLANS.clear()
@@ -195,50 +216,6 @@ def _plain(values) -> bool:
     if isinstance(values, str):
         return True
     return isinstance(values, (list, tuple)) and all(type(x) is int for x in values)
-
-
-def _make_plan(
-    n_local: int,
-    head_dim: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    segment_lengths: Sequence[int] | str,
-    dilation_rates: Sequence[int],
-    *,
-    causal: bool,
-    dropout_p: float,
-    scale: float | None,
-    backend: str,
-    sp_group: Any,
-    needs_grad: bool,
-    total_heads: int | None = None,
-) -> _Plan:
-    sp = None
-    if sp_group is not None:
-        from longvit.attention.sequence_parallel import SequenceParallel
-
-        sp = SequenceParallel(sp_group, n_local)
-    n = n_local if sp is None else sp.n_global
-    if isinstance(segment_lengths, str):
-        if segment_lengths != "auto":
-            raise ValueError(f"segment_lengths must be a list or 'auto', got {segment_lengths!r}")
-        segment_lengths = segment_schedule(n, dilation_rates)
-    segment_lengths = [int(w) if _is_int(w) else w for w in segment_lengths]
-    dilation_rates = [int(r) if _is_int(r) else r for r in dilation_rates]
-    check_schedule(segment_lengths, dilation_rates)
-    if sp is not None:
-        sp.check_branches(segment_lengths, dilation_rates)
-    return _Plan(
-        branches=tuple(zip(segment_lengths, dilation_rates)),
-        causal=bool(causal),
-        dropout_p=float(dropout_p),
-        scale=default_scale(head_dim, scale),
-        backend=resolve_backend(backend, device, dtype, head_dim, dropout_p, needs_grad=needs_grad),
-        sp=sp,
-        total_heads=total_heads,
-        auto=backend == "auto",
-        needs_grad=needs_grad,
-    )
 
 
 def run_with_fallback(run, plan: _Plan, device, dtype, head_dim: int):
