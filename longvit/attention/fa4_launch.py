@@ -12,8 +12,9 @@ at 65K tokens, where the host, not the GPU, sets the pace.
 
 A record is kept only when it is complete:
 
-- every tensor a kernel got is one of the caller's tensors (or a view of one) or a buffer the
-  wrapper allocated during the call (or a view of one);
+- every tensor a kernel got is one of the caller's tensors (the same view of memory: same data
+  pointer, shape and strides) or a buffer the wrapper allocated during the call (or a view of
+  one);
 - no other argument holds a tensor inside;
 - the wrapper ran no PyTorch op but allocations, zero fills of its new buffers and views
   (a copy that makes an input contiguous, or a compile's own work, spoils the record).
