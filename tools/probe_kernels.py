@@ -31,8 +31,13 @@
 12. ``inplace``: the op with every call read in place, every call gathered, and longvit's rule
    (``dilated.IN_PLACE_ELEMENTS_PER_CALL``), on a backend that reads strided windows.
 13. ``host``: where the op's host time goes at 65K tokens (auto backend): the host time to
-   enqueue one forward + backward while the GPU is kept busy, for each in-place choice, and a
-   cProfile of those steps (functions by own time).
+   enqueue one forward + backward while the GPU is kept busy, for each in-place choice, the
+   time from an idle GPU with and without a head start for the host, host time by part, the
+   forward and backward apart, and the host cost of single launches.
+14. ``cpu_host``: the op's own Python, on CPU, without a GPU: LongViT's 65K call structure (the
+   8192-px schedule scaled down 16x, 12 heads) on a backend whose kernels and data movement do
+   nothing, ms per forward + backward for each in-place choice, and a cProfile of the in-place
+   steps. What the op's code itself costs the host, measurable on the development machine.
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -385,6 +390,68 @@ def phases(n: int = 65536) -> None:
     cells = [f"forward {_synced_median(forward) * 1e3:.2f}/{_time(forward, 10) * 1e3:.2f}"]
     cells.append(f"backward {_synced_median(backward) * 1e3:.2f}/{_time(backward, 10) * 1e3:.2f}")
     print("    ms from idle / back to back: " + ", ".join(cells), flush=True)
+
+
+def probe_cpu_host(top: int) -> None:
+    """The op's own host time on CPU, kernels and data movement replaced by no-ops."""
+    import cProfile
+    import pstats
+
+    from longvit.attention import BACKENDS, dilated, dilated_attention
+    from longvit.attention.backends import MathBackend
+
+    class Idle(MathBackend):  # reads strided windows; every kernel call does nothing
+        name, reads_strided = "idle", True
+
+        def forward_into(self, *args):
+            pass
+
+        def backward_into(self, *args):
+            pass
+
+        def forward(self, q, k, v, bias, causal, dropout_p, scale):
+            return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32), None
+
+        def backward(self, dout, q, k, v, out, lse, bias, causal, dropout_p, scale, state):
+            return [torch.empty_like(q) for _ in range(3)]
+
+    BACKENDS["idle"] = Idle()
+    saved = {n: getattr(dilated, n) for n in ("merge_rows", "copy_rows", "copy_rows_many",
+                                                "add_rows_many")}  # fmt: skip
+    for name in saved:
+        setattr(dilated, name, lambda *args: None)
+    n, ws = 4096, [64, 256, 512, 1024, 4096]  # 65K's calls and head groups, 16x fewer tokens
+    q, k, v = (torch.randn(1, n, 12, 8, requires_grad=True) for _ in range(3))
+    go = torch.randn(1, n, 12, 8)
+
+    def step():
+        out = dilated_attention(q, k, v, ws, [1, 2, 4, 8, 16], backend="idle")
+        torch.autograd.grad(out, (q, k, v), go)
+
+    rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
+    try:
+        for label, elements in [("in place", 0), ("the rule", 2**24), ("gathered", 2**62)]:
+            dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
+            for _ in range(3):
+                step()
+            times = []
+            for _ in range(30):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            print(f"{label}: {sorted(times)[15] * 1e3:.2f} ms of host time per step (median of 30)")
+        dilated.IN_PLACE_ELEMENTS_PER_CALL = 0
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            step()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    finally:
+        dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
+        for name, fn in saved.items():
+            setattr(dilated, name, fn)
+        del BACKENDS["idle"]
 
 
 def launch_costs(calls: int = 100) -> None:
@@ -914,7 +981,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline", "compile", "fa4", "inplace", "host"]  # fmt: skip
+              "timeline", "compile", "fa4", "inplace", "host", "cpu_host"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -943,6 +1010,8 @@ def main(argv=None) -> int:
         probe_in_place()
     if "host" in args.probes:
         probe_host()
+    if "cpu_host" in args.probes:
+        probe_cpu_host(args.top)
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:
