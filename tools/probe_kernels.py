@@ -290,13 +290,21 @@ def probe_in_place() -> None:
     for n, ws, rs in configs:
         step = op_step(n, 12, 64, ws, rs)
         cells = []
-        for label, elements in [("in place", 0), ("gathered", 2**62), ("the rule", rule)] * 2:
+        for label, elements in in_place_choices() * 2:
             dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
             cells.append(f"{label} {_synced_median(step) * 1e3:.2f}/{_time(step, 6) * 1e3:.2f}")
         dilated.IN_PLACE_ELEMENTS_PER_CALL = rule
         print(f"{n:>9,} tokens, {len(ws):>2} branches: " + " | ".join(cells), flush=True)
         del step
         torch.cuda.empty_cache()
+
+
+def in_place_choices() -> list[tuple[str, int]]:
+    """(label, dilated.IN_PLACE_ELEMENTS_PER_CALL) for every call read in place, longvit's rule
+    and every call gathered: the settings the op probes compare."""
+    from longvit.attention import dilated
+
+    return [("in place", 0), ("the rule", dilated.IN_PLACE_ELEMENTS_PER_CALL), ("gathered", 2**62)]
 
 
 def host_time(fn, steps: int = 8) -> float:
@@ -320,7 +328,7 @@ def probe_host() -> None:
 
     step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
     rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
-    for label, elements in [("in place", 0), ("the rule", rule), ("gathered", 2**62)]:
+    for label, elements in in_place_choices():
         dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
         host = min(host_time(step) for _ in range(3))
         idle, back = _synced_median(step), _time(step, 10)
@@ -430,7 +438,7 @@ def probe_cpu_host(top: int) -> None:
 
     rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
     try:
-        for label, elements in [("in place", 0), ("the rule", 2**24), ("gathered", 2**62)]:
+        for label, elements in in_place_choices():
             dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
             for _ in range(3):
                 step()
@@ -461,15 +469,7 @@ def launch_costs(calls: int = 100) -> None:
     from longvit.attention.backends import BACKENDS, _fa4
 
     def per_call(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(1e9))
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cost = (time.perf_counter() - t) / calls
-        torch.cuda.synchronize()
-        return cost * 1e6
+        return host_time(fn, calls) * 1e6
 
     dev = torch.device("cuda")
     acc = torch.zeros(32, 256, 2, 6, 64, device=dev)
@@ -786,13 +786,7 @@ def probe_overhead() -> None:
         synced = _synced_median(step)
         print(f"{n:>9,} one step from an idle GPU (as bench_attention times it): "
               f"{synced * 1e3:.2f} ms; back to back {gpu * 1e3:.2f} ms")  # fmt: skip
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e9))  # ~1 s of GPU spinning: the host runs ahead
-        t = time.perf_counter()
-        for _ in range(10):
-            step()
-        host = (time.perf_counter() - t) / 10
-        torch.cuda.synchronize()
+        host = host_time(step, 10)
         with _OpCount() as count:
             step()
         print(f"{n:>9,} {gpu * 1e3:>8.2f} {host * 1e3:>16.2f} {count.calls:>13}")
@@ -828,7 +822,7 @@ def probe_timeline(path: Path) -> None:
 
     step = op_step(65536, 12, 64, [1024, 4096, 8192, 16384, 65536], [1, 2, 4, 8, 16])
     rule = dilated.IN_PLACE_ELEMENTS_PER_CALL
-    for label, elements in [("in place", 0), ("the rule", rule)]:
+    for label, elements in in_place_choices()[:2]:
         dilated.IN_PLACE_ELEMENTS_PER_CALL = elements
         for _ in range(5):
             step()
