@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from longvit.attention import BACKENDS, fa4_launch
-from longvit.attention.backends import KernelState, MathBackend
+from tests.test_attention_in_place import FakeFA4Interface
 from tests.test_attention_values import SHAPES, _qkv, check_against_reference
 
-MATH = MathBackend()
+MATH = FakeFA4Interface()  # the math of FA4's two entry points, on CPU
 
 
 class _CompileCache(dict):
@@ -21,20 +21,15 @@ class _CompileCache(dict):
 def _kernel_fwd(q, k, v, out, lse, scratch, scale, causal, table=None):
     """The "compiled" forward: math on (B', L, H, D) tensors; scratch is a buffer it uses,
     table a tensor it reads (unused here)."""
-    o, s, _ = MATH.forward(*(x.transpose(1, 2) for x in (q, k, v)), None, causal, 0.0, scale)
-    scratch.copy_(s)
-    out.copy_(o.transpose(1, 2))
+    MATH._flash_attn_fwd(q, k, v, scale, causal, True, out=out, lse=scratch)
     lse.copy_(scratch)
 
 
 def _kernel_bwd(dout, q, k, v, out, lse, dq_accum, dk, dv, scale, causal):
     """The "compiled" backward: adds dq into a float accumulator (zero-filled by the wrapper,
     as FA4's semaphores are), writes dk and dv."""
-    t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
-    dq, dk_, dv_ = MATH.backward(*t, lse, None, causal, 0.0, scale, KernelState())
-    dq_accum.add_(dq.transpose(1, 2))
-    dk.copy_(dk_.transpose(1, 2))
-    dv.copy_(dv_.transpose(1, 2))
+    dq, _, _ = MATH._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, False, dk=dk, dv=dv)
+    dq_accum.add_(dq)
 
 
 def _kernel_post(dq_accum, dq):
