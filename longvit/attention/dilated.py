@@ -25,7 +25,7 @@ and the merged LSE are saved; branch tensors are gathered again in the backward.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from longvit.attention.layout import (
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
 from longvit.attention.strided_ops import (
+    Strided,
     add_rows,
     add_rows_many,
     copy_rows,
@@ -405,6 +406,9 @@ class _Call:
 
     pieces: tuple[tuple[BranchLayout, int, int], ...]
     copy: bool  # the first branch, covering everything: copied into the accumulators
+    # window geometry worked out for tensor layouts seen before (``_memo``): a call is made
+    # once per plan and layout (``_steps``) and runs every step
+    memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -525,15 +529,55 @@ def _forward(q, k, v, key_valid, plan: _Plan):
     return acc.to(q.dtype), acc_lse.squeeze(-1), (steps, states)
 
 
+def _memo(call: _Call, key: tuple, make):
+    """call.memo[key], made by make() the first time: the window geometry of one tensor
+    layout, which costs more host time to work out than the kernels take to launch."""
+    got = call.memo.get(key)
+    if got is None:
+        if len(call.memo) >= 64:
+            call.memo.clear()
+        got = call.memo[key] = make()
+    return got
+
+
+def _layouts(tensors) -> tuple:
+    """The shapes and strides of tensors (what window geometry depends on)."""
+    return tuple((t.shape, t.stride()) for t in tensors)
+
+
+def _geometry(windows) -> tuple:
+    """Strided windows as (offset, shape, strides) triples, their tensors left out."""
+    return tuple((w.offset, w.shape, w.strides) for w in windows)
+
+
+def _windows(tensors, geometry) -> list[Strided]:
+    """The windows of ``geometry`` (from ``_geometry``) in tensors, one tensor per triple."""
+    return [Strided(t, *g) for t, g in zip(tensors, geometry)]
+
+
+def _pairs(call: _Call, name: str, dsts, srcs, pairs) -> list[tuple[list, list]]:
+    """(windows of dsts, windows of srcs) per launch of a data movement between the tensors
+    dsts and srcs: what ``pairs()`` yields (window lists in the tensors' order), worked out
+    once per layout of the tensors."""
+    key = (name, *_layouts(dsts), *_layouts(srcs))
+    geoms = _memo(call, key, lambda: [(_geometry(d), _geometry(s)) for d, s in pairs()])
+    return [(_windows(dsts, dg), _windows(srcs, sg)) for dg, sg in geoms]
+
+
 def _gather(call: _Call, tensors) -> torch.Tensor:
     """The call's positions of each (B, N, H, X) tensor, as one buffer (T, rows, m, H, X)."""
     h, width = tensors[0].shape[2:]
     buf = tensors[0].new_empty(len(tensors), call.rows, call.m, h, width)
-    for lay, c0, c1, at in call.spans():
-        dsts = [buffer_windows(buf, i, lay, at, c1 - c0) for i in range(len(tensors))]
-        srcs = [token_windows(t, lay, c0, c1) for t in tensors]
-        for run in range(len(lay.runs)):  # all tensors' windows of a run: one launch
-            copy_rows_many([d[run] for d in dsts], [s[run] for s in srcs])
+
+    def pairs():
+        for lay, c0, c1, at in call.spans():
+            dsts = [buffer_windows(buf, i, lay, at, c1 - c0) for i in range(len(tensors))]
+            srcs = [token_windows(t, lay, c0, c1) for t in tensors]
+            for run in range(len(lay.runs)):  # all tensors' windows of a run: one launch
+                yield [d[run] for d in dsts], [s[run] for s in srcs]
+
+    for dsts, srcs in _pairs(call, "gather", [buf] * len(tensors), tensors, pairs):
+        copy_rows_many(dsts, srcs)
     return buf
 
 
@@ -564,15 +608,21 @@ def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
     per extra kernel call) instead of from a gather buffer."""
     if not plan.backend.reads_strided or call.is_view or not all(map(aligned, tensors)):
         return False
+    h, d = tensors[0].shape[2:]
+    return _memo(call, ("in place", h, d, IN_PLACE_ELEMENTS_PER_CALL), lambda: _worth(call, h * d))
+
+
+def _worth(call: _Call, width: int) -> bool:
+    """Whether reading in place is worth its extra kernel calls (see the rule above)."""
     calls = sum(min(groups, heads) for lay, _, _ in call.pieces for *_, groups, heads in lay.runs)
-    elements = call.rows * call.m * tensors[0].shape[2] * tensors[0].shape[3]
+    elements = call.rows * call.m * width
     return calls == 1 or elements >= IN_PLACE_ELEMENTS_PER_CALL * (calls - 1)
 
 
-def _lse_view(win) -> torch.Tensor:
-    """A kernel-side LSE call window (C, m, heads, 1) as the kernels' (C, heads, m) view."""
+def _lse_window(win: Strided) -> Strided:
+    """A kernel-side LSE call window (C, m, heads, 1) as the kernels' (C, heads, m)."""
     (c, m, heads, _), (s_c, s_m, s_h, _) = win.shape, win.strides
-    return win._replace(shape=(c, heads, m), strides=(s_c, s_h, s_m)).view()
+    return win._replace(shape=(c, heads, m), strides=(s_c, s_h, s_m))
 
 
 def _call_windows(call: _Call, tokens, kernel_side):
@@ -586,16 +636,38 @@ def _call_windows(call: _Call, tokens, kernel_side):
             yield from zip(*(call_windows(w[run]) for w in wins))
 
 
+def _in_place_views(call: _Call, tokens, kernel_side, lse_at: int):
+    """Per kernel call that reads the call's positions in place: views (C, m, heads, X) of the
+    tensors of ``_call_windows``, the LSE (kernel_side[lse_at]) as the kernels' (C, heads, m).
+    The geometry is worked out once per layout; each step only makes the views."""
+    tensors = (*tokens, *kernel_side)
+    lse = len(tokens) + lse_at
+
+    def make():
+        calls = []
+        for wins in _call_windows(call, tokens, kernel_side):
+            wins = list(wins)
+            wins[lse] = _lse_window(wins[lse])
+            calls.append(_geometry(wins))
+        return calls
+
+    geoms = _memo(call, ("in place", len(tokens), lse_at, *_layouts(tensors)), make)
+    starts = [t.storage_offset() for t in tensors]
+    for geom in geoms:
+        yield [
+            t.as_strided(shape, strides, start + offset)
+            for t, start, (offset, shape, strides) in zip(tensors, starts, geom)
+        ]
+
+
 def _in_place_forward(q, k, v, call: _Call, plan: _Plan):
     """The call's outputs, its kernels reading q, k, v in place: o (rows, H, m, D), laid out
     (rows, m, H, D) as the kernels write it, and lse (rows, H, m) float32."""
     h, d = q.shape[2:]
     o = q.new_empty(call.rows, call.m, h, d).transpose(1, 2)
     lse = q.new_empty(call.rows, h, call.m, dtype=accumulator_dtype(q.dtype))
-    for qc, kc, vc, oc, lc in _call_windows(call, (q, k, v), (o, lse)):
-        plan.backend.forward_into(
-            qc.view(), kc.view(), vc.view(), oc.view(), _lse_view(lc), plan.causal, plan.scale
-        )
+    for qc, kc, vc, oc, lc in _in_place_views(call, (q, k, v), (o, lse), lse_at=1):
+        plan.backend.forward_into(qc, kc, vc, oc, lc, plan.causal, plan.scale)
     return o, lse
 
 
@@ -605,11 +677,8 @@ def _in_place_backward(tensors, lse_k, call: _Call, plan: _Plan) -> list[torch.T
     q = tensors[1]
     buf = q.new_empty(3, call.rows, call.m, *q.shape[2:])
     grads = [g.transpose(1, 2) for g in buf.unbind(0)]
-    for do, qc, kc, vc, oc, lc, dq, dk, dv in _call_windows(call, tensors, (lse_k, *grads)):
-        plan.backend.backward_into(
-            do.view(), qc.view(), kc.view(), vc.view(), oc.view(), _lse_view(lc), dq.view(),
-            dk.view(), dv.view(), plan.causal, plan.scale,
-        )  # fmt: skip
+    for views in _in_place_views(call, tensors, (lse_k, *grads), lse_at=0):
+        plan.backend.backward_into(*views, plan.causal, plan.scale)
     return grads
 
 
@@ -626,14 +695,17 @@ def _merge_calls(pending: list, acc, acc_lse) -> None:
     """Merge each (call, o, lse) of pending into acc (B, N, H, D), acc_lse (B, N, H, 1) in
     place, in order; empties pending."""
     for call, o, lse in pending:
-        for lay, c0, c1, at in call.spans():
-            for parts in zip(
-                token_windows(acc, lay, c0, c1),
-                token_windows(acc_lse, lay, c0, c1),
-                kernel_windows(o, lay, at, at + c1 - c0),
-                kernel_windows(lse, lay, at, at + c1 - c0),
-            ):
-                merge_rows(*parts, call.copy)
+
+        def pairs(call=call, o=o, lse=lse):
+            for lay, c0, c1, at in call.spans():
+                yield from zip(
+                    zip(token_windows(acc, lay, c0, c1), token_windows(acc_lse, lay, c0, c1)),
+                    zip(kernel_windows(o, lay, at, at + c1 - c0),
+                        kernel_windows(lse, lay, at, at + c1 - c0)),
+                )  # fmt: skip
+
+        for accs, outs in _pairs(call, "merge", (acc, acc_lse), (o, lse), pairs):
+            merge_rows(*accs, *outs, call.copy)
     pending.clear()
 
 
@@ -650,11 +722,16 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
             return
     else:
         lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
-        for lay, c0, c1, at in call.spans():
-            for dst, src in zip(
-                kernel_windows(lse_k, lay, at, at + c1 - c0), token_windows(lse_b, lay, c0, c1)
-            ):
-                copy_rows(dst, src)
+
+        def lse_pairs():
+            for lay, c0, c1, at in call.spans():
+                yield from zip(
+                    ([w] for w in kernel_windows(lse_k, lay, at, at + c1 - c0)),
+                    ([w] for w in token_windows(lse_b, lay, c0, c1)),
+                )
+
+        for (dst,), (src,) in _pairs(call, "lse", (lse_k,), (lse_b,), lse_pairs):
+            copy_rows(dst, src)
     if _in_place(plan, call, tensors):
         branch_grads = _in_place_backward(tensors, lse_k, call, plan)
     else:
@@ -662,12 +739,17 @@ def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, g
             *_kernel_inputs(call, tensors), lse_k, None, plan.causal, plan.dropout_p, plan.scale,
             state,
         )  # fmt: skip
+
+    def grad_pairs():
+        for lay, c0, c1, at in call.spans():
+            dsts = [token_windows(g, lay, c0, c1) for g in grads]
+            srcs = [kernel_windows(bg, lay, at, at + c1 - c0) for bg in branch_grads]
+            for run in range(len(lay.runs)):  # dq, dk and dv of a run: one launch
+                yield [d[run] for d in dsts], [s[run] for s in srcs]
+
     move = copy_rows_many if call.copy else add_rows_many
-    for lay, c0, c1, at in call.spans():
-        dsts = [token_windows(g, lay, c0, c1) for g in grads]
-        srcs = [kernel_windows(bg, lay, at, at + c1 - c0) for bg in branch_grads]
-        for run in range(len(lay.runs)):  # dq, dk and dv of a run: one launch
-            move([d[run] for d in dsts], [s[run] for s in srcs])
+    for dsts, srcs in _pairs(call, "grads", grads, branch_grads, grad_pairs):
+        move(dsts, srcs)
 
 
 def _local_forward(q, k, v, key_valid, lay, plan: _Plan, acc, acc_lse, copy: bool):
@@ -732,8 +814,11 @@ def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
     if not _starts_covered(plan, _ordered(plan)):
         for g in grads:
             g.zero_()
-    lse_b = backward_lse(lse)
     steps, step_states = states
+    # every row a _Call reads has a key (its own branch gives it one): only the general path
+    # needs rows with no key marked
+    general = not all(isinstance(step, _Call) for step in steps)
+    lse_b = backward_lse(lse) if general else lse.unsqueeze(-1)
     for step, state in zip(steps, step_states):
         if isinstance(step, _Call):
             _call_backward(dout, q, k, v, out, lse_b, step, plan, state, grads)

@@ -14,6 +14,8 @@ window i of one side matches window i of the other.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from longvit.attention.layout import BranchLayout
@@ -119,9 +121,9 @@ def call_windows(win: Strided) -> list[Strided]:
 def aligned(x: torch.Tensor, nbytes: int = 16) -> bool:
     """Whether x's data pointer and all strides but the last are multiples of nbytes (what
     kernels that read strided windows through TMA need), its last dim contiguous."""
-    size = x.element_size()
-    return (
-        x.stride(-1) == 1
-        and x.data_ptr() % nbytes == 0
-        and all(s * size % nbytes == 0 for s in x.stride()[:-1])
-    )
+    return x.data_ptr() % nbytes == 0 and _strides_aligned(x.stride(), x.element_size(), nbytes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_aligned(strides: tuple[int, ...], size: int, nbytes: int) -> bool:
+    return strides[-1] == 1 and all(s * size % nbytes == 0 for s in strides[:-1])
