@@ -13,7 +13,10 @@ A backend that reads strided windows (FlashAttention-4) gets large calls' positi
 instead, one kernel call per head group, no gather (``_in_place``).
 Padded or masked branches, inputs whose batch and sequence axes do not merge, and
 sequence-parallel branches spanning ranks take the general path through views built per
-call (``_local_forward`` / ``_local_backward``).
+call (``_local_forward`` / ``_local_backward``). When every branch is a _Call and the inputs
+are small enough to keep every call's output until the end of the forward (float32
+accumulation), one kernel merges them all into the output (``_forward_calls``) and leaves
+the merged LSE in each call's own LSE buffer, where its backward reads it.
 
 Backward: exact. The merged function is softmax(q k^T * scale + log M) v, whose
 gradient per branch is what a flash-style backward computes when it is given
@@ -49,11 +52,13 @@ from longvit.attention.layout import (
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
 from longvit.attention.strided_ops import (
+    MergeEntry,
     Strided,
     add_rows,
     add_rows_many,
     copy_rows,
     copy_rows_many,
+    merge_all,
     merge_rows,
 )
 from longvit.attention.windows import (
@@ -500,20 +505,23 @@ DEFER_MERGES_ELEMENTS = 2**26
 
 
 def _forward(q, k, v, key_valid, plan: _Plan):
+    """(out (B, N, H, D) in q's dtype, merged LSE (B, N, H), what the backward needs)."""
     b, n, h, d = q.shape
+    steps = _steps(plan, q, k, v, key_valid)
+    defer = q.numel() <= DEFER_MERGES_ELEMENTS
     acc_dtype = accumulator_dtype(q.dtype)
+    if defer and acc_dtype == torch.float32 and all(isinstance(s, _Call) for s in steps):
+        return _forward_calls(q, k, v, steps, plan)
     first_copies = _starts_covered(plan, _ordered(plan))
     alloc = torch.empty if first_copies else torch.zeros
     acc = alloc(b, n, h, d, dtype=acc_dtype, device=q.device)
     acc_lse = torch.full((b, n, h, 1), NO_KEY, dtype=acc_dtype, device=q.device)
-    steps = _steps(plan, q, k, v, key_valid)
-    defer = q.numel() <= DEFER_MERGES_ELEMENTS
     pending: list = []  # (call, o, lse) whose merge waits
     states: list = []
     for step in steps:
         if isinstance(step, _Call):
             o, lse, state = _call_kernels(q, k, v, step, plan)
-            states.append(state)
+            states.append((state, None))  # the backward gathers its merged LSE
             pending.append((step, o, lse))
             if not defer:
                 _merge_calls(pending, acc, acc_lse)
@@ -562,6 +570,38 @@ def _pairs(call: _Call, name: str, dsts, srcs, pairs) -> list[tuple[list, list]]
     key = (name, *_layouts(dsts), *_layouts(srcs))
     geoms = _memo(call, key, lambda: [(_geometry(d), _geometry(s)) for d, s in pairs()])
     return [(_windows(dsts, dg), _windows(srcs, sg)) for dg, sg in geoms]
+
+
+def _forward_calls(q, k, v, steps, plan: _Plan):
+    """The forward when every step is a _Call and all their outputs fit at once: every kernel
+    call, then one merge of them all (``merge_all``) straight into the output in q's dtype and
+    the merged LSE, which also replaces each call's LSE at its positions: the rows its
+    backward reads, ready without a gather. Each call's state keeps that LSE."""
+    b, n, h, d = q.shape
+    results = [_call_kernels(q, k, v, call, plan) for call in steps]
+    out = q.new_empty(b, n, h, d)
+    lse = q.new_empty(b, n, h, dtype=accumulator_dtype(q.dtype))
+    entries = [e for call, (o, c_lse, _) in zip(steps, results) for e in _entries(call, o, c_lse)]
+    merge_all(out, lse, entries, write_back=True)
+    return out, lse, (steps, [(state, c_lse) for _, c_lse, state in results])
+
+
+def _entries(call: _Call, o, lse) -> list[MergeEntry]:
+    """The call's outputs o (rows, H, m, D) and lse (rows, H, m) as ``merge_all`` entries, one
+    per piece and run of heads."""
+
+    def make():
+        entries = []
+        for lay, c0, c1, at in call.spans():
+            o_wins = kernel_windows(o, lay, at, at + c1 - c0)
+            lse_wins = kernel_windows(lse, lay, at, at + c1 - c0)
+            for (offset, first, _, _), o_win, lse_win in zip(lay.runs, o_wins, lse_wins):
+                where = (lay.segment_length, lay.dilation_rate, offset, first, c0)
+                entries.append((_geometry((o_win, lse_win)), where))
+        return entries
+
+    geoms = _memo(call, ("entries", *_layouts((o, lse))), make)
+    return [MergeEntry(*_windows((o, lse), g), *where) for g, where in geoms]
 
 
 def _gather(call: _Call, tensors) -> torch.Tensor:
@@ -710,17 +750,23 @@ def _merge_calls(pending: list, acc, acc_lse) -> None:
 
 
 def _call_backward(dout, q, k, v, out, lse_b, call: _Call, plan: _Plan, state, grads) -> None:
-    """The gradients of one call, added (copied for the first branch) into grads."""
+    """The gradients of one call, added (copied for the first branch) into grads. state:
+    (the kernel's state, the merged LSE at the call's positions (rows, H, m), or None: then
+    it is gathered from lse_b (B, N, H, 1))."""
     tensors = (dout, q, k, v, out)
+    state, lse_k = state
+    if lse_k is not None:
+        lse_k = lse_k.contiguous()  # (a no-op: the kernels' own LSE is contiguous)
     if call.is_view:
         lay, c0, c1 = call.pieces[0]
-        lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1).contiguous()  # kernels want (C, H, w)
+        if lse_k is None:  # kernels want (C, H, w)
+            lse_k = kernel_view(lse_b, lay, c0, c1).squeeze(-1).contiguous()
         if call.copy and plan.backend.reads_strided and all(map(aligned, (*tensors, *grads))):
             # the first branch's gradients are the start of grads: the kernel writes them there
             views = [kernel_view(t, lay, c0, c1).transpose(1, 2) for t in (*tensors, *grads)]
             plan.backend.backward_into(*views[:5], lse_k, *views[5:], plan.causal, plan.scale)
             return
-    else:
+    elif lse_k is None:
         lse_k = lse_b.new_empty(call.rows, q.shape[2], call.m)
 
         def lse_pairs():
@@ -818,7 +864,7 @@ def _backward(dout, q, k, v, out, lse, key_valid, plan: _Plan, states, grads):
     # every row a _Call reads has a key (its own branch gives it one): only the general path
     # needs rows with no key marked
     general = not all(isinstance(step, _Call) for step in steps)
-    lse_b = backward_lse(lse) if general else lse.unsqueeze(-1)
+    lse_b = backward_lse(lse) if general else lse.unsqueeze(-1)  # (B, N, H, 1)
     for step, state in zip(steps, step_states):
         if isinstance(step, _Call):
             _call_backward(dout, q, k, v, out, lse_b, step, plan, state, grads)
