@@ -94,7 +94,27 @@ def reference(entries, d):
     return out.view(B, N, H, d), merged.view(B, N, H), hits
 
 
-def _check_call(entries, d, out_dtype, write_back, with_lse, tol):
+def _moved(entries, device):
+    """The entries with their bases copied to device (bases shared stay shared), and
+    (device base, CPU base) pairs to copy written lse windows back."""
+    bases: dict = {}
+    moved = []
+    for e in entries:
+        o = e.o._replace(base=_copy_to(e.o.base, device, bases))
+        lse = e.lse._replace(base=_copy_to(e.lse.base, device, bases))
+        moved.append(e._replace(o=o, lse=lse))
+    return moved, list(bases.values())
+
+
+def _copy_to(t, device, bases):
+    """t on device, strides and all (one copy per tensor)."""
+    if id(t) not in bases:
+        bases[id(t)] = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                        .copy_(t), t)  # fmt: skip
+    return bases[id(t)][0]
+
+
+def _check_call(entries, d, out_dtype, write_back, with_lse, tol, device="cpu"):
     want_out, want_lse, hits = reference(entries, d)
     # the lse bases after a write-back: clones written at the covered rows, from the spec
     expected = {}
@@ -107,9 +127,16 @@ def _check_call(entries, d, out_dtype, write_back, with_lse, tol):
             view = clone.as_strided(e.lse.shape, e.lse.strides, e.lse.offset)
             view[(*index, 0)] = flat[cov].float()
     o_before = {id(e.o.base): (e.o.base, e.o.base.clone()) for e in entries}
-    out = torch.full((B, N, H, d), float("nan"), dtype=out_dtype)
-    out_lse = torch.full((B, N, H), float("nan")) if with_lse else None
-    merge_all(out, out_lse, entries, write_back)
+    out = torch.full((B, N, H, d), float("nan"), dtype=out_dtype, device=device)
+    out_lse = torch.full((B, N, H), float("nan"), device=device) if with_lse else None
+    if device == "cpu":
+        merge_all(out, out_lse, entries, write_back)
+    else:  # the kernel compiled: inputs copied there, results copied back
+        moved, bases = _moved(entries, device)
+        merge_all(out, out_lse, moved, write_back)
+        for there, here in bases:
+            here.copy_(there.cpu())
+        out, out_lse = out.cpu(), None if out_lse is None else out_lse.cpu()
     atol, rtol = tol
     torch.testing.assert_close(out.double(), want_out.to(out_dtype).double(), atol=atol, rtol=rtol)
     if with_lse:
@@ -219,6 +246,31 @@ def test_kernel_under_the_interpreter():
     run = run_under_interpreter(__file__)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all checks passed" in run.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_on_cuda():
+    """The kernel compiled, on the GPU: the spec for every scenario, one launch per call."""
+    launches = []
+    launch = strided_ops._merge_all_triton
+    strided_ops._merge_all_triton = lambda *a: launches.append(1) or launch(*a)
+    calls = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", strided_ops.TritonFallbackWarning)
+            for d, o_dtype, out_dtype, tol in [
+                (64, torch.bfloat16, torch.bfloat16, (1e-2, 1e-2)),
+                (128, torch.float32, torch.float32, (1e-5, 1e-5)),
+                (16, torch.bfloat16, torch.float32, (1e-5, 1e-5)),
+            ]:
+                for name in scenarios(d, o_dtype):
+                    for write_back in (False, True):
+                        entries = scenarios(d, o_dtype)[name]
+                        _check_call(entries, d, out_dtype, write_back, True, tol, "cuda")
+                        calls += bool(entries)
+    finally:
+        strided_ops._merge_all_triton = launch
+    assert len(launches) == calls
 
 
 def test_aten_path_on_cpu():

@@ -4,7 +4,7 @@
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
-# fa4_tests, host, tests, attention, model, model_4m, probe (step, norms, preprocess),
+# fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
 # preprocess, op, extract, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
@@ -77,6 +77,24 @@ for stage in "${stages[@]}"; do
         python tools/probe_kernels.py host 2>&1 | grep -v Warning | tee "$OUT/host.txt"
         python tools/bench_attention.py --configs longvit8192_d768 --warmup 5 --iters 20 \
             --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -8 ;;
+    bench65k)  # the 65K row by the rule, then with every call read in place (the rule's other side)
+        python tools/bench_attention.py --configs longvit8192_d768 --warmup 5 --iters 20 \
+            --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -3
+        python - "$OUT/attention_65k_in_place.json" <<'PY' 2>&1 | grep -v Warning | tail -3
+import runpy, sys
+from longvit.attention import dilated
+dilated.IN_PLACE_ELEMENTS_PER_CALL = 0  # every call read in place
+sys.argv = ["bench_attention.py", "--configs", "longvit8192_d768", "--warmup", "5", "--iters",
+            "20", "--out", sys.argv[1]]
+runpy.run_path("tools/bench_attention.py", run_name="__main__")
+PY
+        ;;
+    merge_tests)  # merge_all and the strided kernels compiled (no FA4 needed)
+        python -m pytest -q -p no:cacheprovider tests/test_merge_all.py tests/test_strided_ops.py \
+            2>&1 | tail -3 ;;
+    bench)  # every configuration, as recorded in docs/benchmarks.md
+        python tools/bench_attention.py --warmup 5 --iters 10 --out "$OUT/attention.json" 2>&1 \
+            | grep -v Warning | tail -12 ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
 done

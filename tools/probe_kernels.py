@@ -424,10 +424,10 @@ def probe_cpu_host(top: int) -> None:
             return [torch.empty_like(q) for _ in range(3)]
 
     BACKENDS["idle"] = Idle()
-    saved = {n: getattr(dilated, n) for n in ("merge_rows", "copy_rows", "copy_rows_many",
-                                                "add_rows_many")}  # fmt: skip
+    saved = {n: getattr(dilated, n) for n in ("merge_rows", "merge_all", "copy_rows",
+                                                "copy_rows_many", "add_rows_many")}  # fmt: skip
     for name in saved:
-        setattr(dilated, name, lambda *args: None)
+        setattr(dilated, name, lambda *args, **kwargs: None)
     n, ws = 4096, [64, 256, 512, 1024, 4096]  # 65K's calls and head groups, 16x fewer tokens
     q, k, v = (torch.randn(1, n, 12, 8, requires_grad=True) for _ in range(3))
     go = torch.randn(1, n, 12, 8)
