@@ -632,14 +632,14 @@ def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
 # Reading a call in place takes one kernel call per head group (``call_windows``) where the
 # gather buffer takes one. Each extra call costs host time: ~0.2 ms through FlashAttention-4's
 # wrapper (forward + backward, H200 host), 0.07-0.12 ms replayed (``fa4_launch``); gathering
-# this many elements per tensor costs the GPU about as much (five tensors read and written in
-# all: ~0.15 ms). So a call reads in place when it has this many elements or more per extra
-# kernel call; at 65K tokens LongViT's three branches of m = 2048 (one call, seven head groups)
-# gather. There, from an idle GPU, the op took 5.66-5.94 ms by this rule against 5.74-6.08 ms
-# with every call in place, although in place does less GPU work (5.2-5.3 ms back to back,
-# against 5.6); at 262K tokens and above in place wins either way (docs/benchmarks.md,
-# sessions 7 and 8).
-IN_PLACE_ELEMENTS_PER_CALL = 2**24
+# costs the GPU time (five tensors read and written in all) and the host its launches. So a
+# call reads in place when it has this many elements or more per extra kernel call. At 65K
+# tokens LongViT's three branches of m = 2048 (one call, seven head groups, 44M elements) read
+# in place: with window geometry remembered and one merge launch (session 9) the op took
+# 5.47 ms from an idle GPU in place against 5.46-5.71 ms gathered (1.11x against 1.12-1.16x
+# kernel only), with 0.5 GiB less memory; session 8's rule (2**24) gathered there. At 262K
+# tokens and above in place wins either way (docs/benchmarks.md, sessions 7-9).
+IN_PLACE_ELEMENTS_PER_CALL = 2**22
 
 
 def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
