@@ -21,3 +21,21 @@ def run_under_interpreter(script: str, timeout: float = 600) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def skip_without_runtime_loops() -> None:
+    """Skip where the interpreter cannot run a loop whose bound is a kernel argument
+    (merge_all's kernel has one): Triton before 3.7 passes scalar arguments as 1-element arrays,
+    which NumPy 2.4 and later no longer turn into a Python int (the compiled kernels are not
+    affected; tests/test_merge_all.py checks them on CUDA)."""
+    import numpy
+    import pytest
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 7):
+        return
+    try:
+        int(numpy.array([1]))
+    except TypeError:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter with NumPy {numpy.__version__}")
