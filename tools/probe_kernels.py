@@ -38,6 +38,10 @@
    8192-px schedule scaled down 16x, 12 heads) on a backend whose kernels and data movement do
    nothing, ms per forward + backward for each in-place choice, and a cProfile of the in-place
    steps. What the op's code itself costs the host, measurable on the development machine.
+15. ``merge``: ``strided_ops.merge_all`` (every branch in one launch, the merged LSE written
+   back) against the per-window merges into a float32 accumulator and the cast it replaced,
+   LongViT's 8192-px branches at 65K tokens, bf16, head dims 64 and 128: GPU time of one call
+   from an idle GPU and host time per call.
 
     PYTHONPATH=. python tools/probe_kernels.py step norms --tokens 1048576 --keep-attention
     PYTHONPATH=. python tools/probe_kernels.py preprocess overhead
@@ -460,6 +464,54 @@ def probe_cpu_host(top: int) -> None:
         for name, fn in saved.items():
             setattr(dilated, name, fn)
         del BACKENDS["idle"]
+
+
+def probe_merge(n: int = 65536, heads: int = 12) -> None:
+    """merge_all against the merges it replaced (``_merge_calls``: one merge_rows per window
+    into float32 accumulators, then the cast), on random branch outputs of LongViT's 8192-px
+    schedule at n tokens."""
+    print("merge of LongViT's 8192-px branches, 65K tokens, bf16: GPU ms from idle / host ms")
+    for d in (64, 128):
+        for name, fn in _merges(n, heads, d):
+            gpu, host = _synced_median(fn), host_time(fn, steps=50)
+            print(f"  D = {d:>3}  {name:<18} {gpu * 1e3:7.3f} / {host * 1e3:6.3f}")
+
+
+def _merges(n: int, heads: int, d: int):
+    """[(name, fn)]: merge_all and the per-window merges, on the same random branch outputs."""
+    from longvit.attention import strided_ops
+    from longvit.attention.layout import BranchLayout
+    from longvit.attention.windows import kernel_windows, token_windows
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    entries, branches = [], []
+    for w, r in [(1024, 1), (4096, 2), (8192, 4), (16384, 8), (65536, 16)]:
+        lay = BranchLayout.of(n, heads, w, r)
+        rows = lay.num_segments
+        o = torch.randn(rows, lay.m, heads, d, dtype=bf16, device=dev).transpose(1, 2)
+        lse = torch.randn(rows, heads, lay.m, device=dev)
+        wins = zip(lay.runs, kernel_windows(o, lay, 0, rows), kernel_windows(lse, lay, 0, rows))
+        for (offset, first, _, _), o_win, lse_win in wins:
+            entries.append(strided_ops.MergeEntry(o_win, lse_win, w, r, offset, first, 0))
+        branches.append((lay, rows, o, lse))
+    out = torch.empty(1, n, heads, d, dtype=bf16, device=dev)
+    out_lse = torch.empty(1, n, heads, device=dev)
+
+    def fused():
+        strided_ops.merge_all(out, out_lse, entries, write_back=True)
+
+    def per_window():
+        acc = torch.empty(1, n, heads, d, device=dev)
+        acc_lse = torch.empty(1, n, heads, 1, device=dev)
+        for i, (lay, rows, o, lse) in enumerate(branches):
+            for parts in zip(
+                token_windows(acc, lay, 0, rows), token_windows(acc_lse, lay, 0, rows),
+                kernel_windows(o, lay, 0, rows), kernel_windows(lse, lay, 0, rows),
+            ):  # fmt: skip
+                strided_ops.merge_rows(*parts, i == 0)
+        return acc.to(bf16)
+
+    return [("merge_all", fused), ("per window + cast", per_window)]
 
 
 def launch_costs(calls: int = 100) -> None:
@@ -975,7 +1027,7 @@ def kernel_table(fn, top: int = 14) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     probes = ["kernels", "step", "norms", "preprocess", "overhead", "strided", "layer", "tiles",
-              "timeline", "compile", "fa4", "inplace", "host", "cpu_host"]  # fmt: skip
+              "timeline", "compile", "fa4", "inplace", "host", "cpu_host", "merge"]  # fmt: skip
     p.add_argument("probes", nargs="+", choices=probes)
     p.add_argument("--tokens", type=int, default=2**20)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -1006,6 +1058,8 @@ def main(argv=None) -> int:
         probe_host()
     if "cpu_host" in args.probes:
         probe_cpu_host(args.top)
+    if "merge" in args.probes:
+        probe_merge()
     if "kernels" in args.probes:
         probe_kernels(args.tokens, args.lengths)
     if "tiles" in args.probes:
