@@ -649,7 +649,7 @@ def _in_place(plan: _Plan, call: _Call, tensors) -> bool:
     if not plan.backend.reads_strided or call.is_view or not all(map(aligned, tensors)):
         return False
     h, d = tensors[0].shape[2:]
-    return _memo(call, ("in place", h, d, IN_PLACE_ELEMENTS_PER_CALL), lambda: _worth(call, h * d))
+    return _memo(call, ("worth", h, d, IN_PLACE_ELEMENTS_PER_CALL), lambda: _worth(call, h * d))
 
 
 def _worth(call: _Call, width: int) -> bool:
