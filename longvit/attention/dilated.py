@@ -52,6 +52,7 @@ from longvit.attention.layout import (
 )
 from longvit.attention.schedule import check_schedule, segment_schedule
 from longvit.attention.strided_ops import (
+    NO_KEY,  # a query with no key in a branch gets this LSE
     MergeEntry,
     Strided,
     add_rows,
@@ -843,9 +844,6 @@ def add_kernel_grad(acc_rows, g, lay: BranchLayout, copy: bool) -> None:
     for part, src in zip(parts, _from_kernel(g, parts)):
         copy_rows(part, src) if copy else add_rows(part, src)
 
-
-# A query with no key in a branch gets this LSE (finite: merges stay free of inf - inf).
-NO_KEY = -1.0e30
 
 
 def backward_lse(lse: torch.Tensor) -> torch.Tensor:

@@ -302,7 +302,7 @@ def _merge_aten(acc, acc_lse, o, lse, copy: bool) -> None:
     acc_lse.copy_(torch.logaddexp(acc_lse, lse))
 
 
-# The LSE of a row that attends to no key (dilated.NO_KEY, which imports this module): finite,
+# The LSE of a row that attends to no key (the one definition; dilated imports it): finite,
 # so that merges stay free of inf - inf.
 NO_KEY = -1.0e30
 MAX_MERGE_ENTRIES = 32  # entries one launch of merge_all's kernel takes (its table's rows)
