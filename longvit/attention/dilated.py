@@ -845,7 +845,6 @@ def add_kernel_grad(acc_rows, g, lay: BranchLayout, copy: bool) -> None:
         copy_rows(part, src) if copy else add_rows(part, src)
 
 
-
 def backward_lse(lse: torch.Tensor) -> torch.Tensor:
     """Merged LSE (B, N, H) -> (B, N, H, 1) for the kernels' backward: rows that attend to
     nothing get +NO_KEY_LSE so that exp(score - lse) is exactly 0 there."""
