@@ -46,8 +46,8 @@ class MultiheadDilatedAttention(nn.Module):
     one merge; a model builds their ``PackedPlan`` once per forward (``packed_plan``) and
     hands it to every layer. Elsewhere the q/k/v projection and the attention run together
     a few heads at a time (``longvit.attention.projected``): q, k, v are never all
-    materialised, and the backward recomputes each chunk's from x, so one layer keeps x, the attention output
-    and its LSE, and its peak holds one chunk's q, k, v and their gradient.
+    materialised, and the backward recomputes each chunk's from x, so one layer keeps x, the
+    attention output and its LSE, and its peak holds one chunk's q, k, v and their gradient.
     """
 
     def __init__(
