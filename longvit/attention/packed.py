@@ -48,8 +48,10 @@ def _gather(sources, packed: bool, plan: PackedPlan):
         rq, rk = plan.q_rows.numel(), plan.k_rows.numel()
         return rows[:rq], rows[rq : rq + rk], rows[rq + rk :]
     q, k, v = sources
-    return q.index_select(0, plan.q_rows), k.index_select(0, plan.k_rows), v.index_select(
-        0, plan.k_rows
+    return (
+        q.index_select(0, plan.q_rows),
+        k.index_select(0, plan.k_rows),
+        v.index_select(0, plan.k_rows),
     )
 
 

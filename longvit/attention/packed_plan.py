@@ -149,8 +149,13 @@ def build_plan(
         key=plan_key(b, n, h, branches, causal, key_padding_mask, zero_padded_keys),
         q_rows=q_rows,
         k_rows=k_rows,
-        qkv_rows=torch.cat([_in_projection(q_rows, h, 0), _in_projection(k_rows, h, 1),
-                            _in_projection(k_rows, h, 2)]),  # fmt: skip
+        qkv_rows=torch.cat(
+            [
+                _in_projection(q_rows, h, 0),
+                _in_projection(k_rows, h, 1),
+                _in_projection(k_rows, h, 2),
+            ]
+        ),  # fmt: skip
         cu_q=cu_q,
         cu_k=cu_k,
         max_q=int(len_q.max()),
@@ -237,8 +242,13 @@ def _buckets(seq: dict[str, np.ndarray]) -> tuple[Bucket, ...]:
     for s0, s1 in zip(starts[:-1], starts[1:]):
         out.append(
             Bucket(
-                int(cq[s0]), int(cq[s1]), int(ck[s0]), int(ck[s1]),
-                s1 - s0, int(seq["len_q"][s0]), int(seq["len_k"][s0]),
+                int(cq[s0]),
+                int(cq[s1]),
+                int(ck[s0]),
+                int(ck[s1]),
+                s1 - s0,
+                int(seq["len_q"][s0]),
+                int(seq["len_k"][s0]),
             )  # fmt: skip
         )
     return tuple(out)
