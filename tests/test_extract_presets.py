@@ -218,6 +218,27 @@ def test_published_weights_load_pool_and_preprocess(name, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
+def test_phikon_saved_by_transformers_5_loads(tmp_path):
+    """transformers 5 names ViTModel's blocks layers.N.attention.q_proj/.../o_proj, mlp.fc1/2
+    (as its state_dict() shows); such a file loads the same tensors as the published one."""
+    renames = (("encoder.layer.", "layers."), ("attention.attention.query", "attention.q_proj"),
+               ("attention.attention.key", "attention.k_proj"),
+               ("attention.attention.value", "attention.v_proj"),
+               ("attention.output.dense", "attention.o_proj"),
+               ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"))  # fmt: skip
+    state = randomised(vit("phikon", TINY), seed=11)
+    v5 = {}
+    for key, value in to_published(state, "hf-vit").items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        v5[key] = value
+    assert "layers.1.attention.q_proj.weight" in v5 and "layers.0.mlp.fc2.bias" in v5
+    torch.save(v5, tmp_path / "pytorch_model.bin")
+    loaded = build_preset_encoder("phikon", tmp_path, model_kwargs=TINY).model.vit.state_dict()
+    assert sorted(loaded) == sorted(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 def test_prefixed_checkpoint_and_snapshot_folder_load(tmp_path):
     """A training checkpoint ({"state_dict": {"model.<key>": ...}}) and a folder holding the
     published file (a Hugging Face snapshot) load the same tensors."""

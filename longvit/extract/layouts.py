@@ -7,7 +7,8 @@ published names and returning them under the names of timm's ``VisionTransformer
   H-optimus): nothing to rename;
 - ``"hf-vit"``: Hugging Face transformers' ``ViTModel`` (Phikon): ``embeddings.*``,
   ``encoder.layer.N.*`` with separate query/key/value projections, ``layernorm``; the pooler
-  (not part of the embedding) is dropped.
+  (not part of the embedding) is dropped. Files saved by transformers 5, which names the
+  blocks ``layers.N.attention.q_proj`` / ``o_proj`` / ``mlp.fc1``, are read too.
 
 Wrappers around either (``module.``, ``model.``, a Lightning checkpoint) are removed later by
 ``longvit.models.checkpoint.strip_module_prefix``.
@@ -30,10 +31,17 @@ _HF_VIT_RENAMES = (
     (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
     (r"^layernorm\.", "norm."),
+    # transformers 5's names for the same tensors
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"blocks.\1.mlp.\2."),
 )
 _HF_QKV = re.compile(
-    r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$"
+    r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?"
+    r"(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$"
 )
+_QKV_PART = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 
 
 def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,7 +62,7 @@ def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         match = _HF_QKV.match(key)
         if match:
             layer, part, kind = match.groups()
-            qkv.setdefault((layer, kind), {})[part] = value
+            qkv.setdefault((layer, kind), {})[_QKV_PART.get(part, part)] = value
             continue
         for pattern, repl in _HF_VIT_RENAMES:
             new, n = re.subn(pattern, repl, key)
