@@ -5,7 +5,7 @@
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
 # fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
-# preprocess, op, extract, slide_task. Results go to $OUT
+# preprocess, op, extract, extract_gigapath, presets, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -63,6 +63,17 @@ for stage in "${stages[@]}"; do
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \
             --out "$OUT/extract.json" 2>&1 | grep -v "it/s" | tail -25 ;;
+    extract_gigapath)  # Prov-GigaPath's tile encoder end to end, and the model path's settings
+        wheels
+        python tools/bench_extract.py --encoder gigapath --precision bf16-true --compile \
+            --compare bf16 bf16+compile bf16-true --slides 16 --slide-size 24000 --repeats 2 \
+            --workers 15 --out "$OUT/extract_gigapath.json" 2>&1 | grep -v "it/s" | tail -25 ;;
+    presets)  # every preset's model alone: timm's bf16 autocast against bf16 weights + compile
+        for encoder in gigapath uni uni2-h virchow virchow2 h-optimus-0 phikon; do
+            python tools/bench_extract.py --encoder "$encoder" --model-only --model-batches 20 \
+                --repeats 2 --compare bf16-true+compile --out "$OUT/model_$encoder.json" \
+                2>&1 | grep -v Warning | tail -5
+        done ;;
     slide_task)
         wheels
         python tools/bench_slide_task.py --out "$OUT/slide_task.json" 2>&1 \
