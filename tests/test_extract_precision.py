@@ -69,3 +69,21 @@ def test_models_without_blocks_compile_whole():
     assert net.model._compiled_call_impl is not None
     with torch.no_grad():
         assert net(tiles(2)[:, :64, :64]).shape == (2, 512)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gigapath", "virchow2"])
+def test_compiled_bf16_weights_on_gpu_close_to_fp32(name):
+    """Inductor-compiled blocks with bf16 weights on the GPU: the fp32 eager features within
+    bf16 round-off, short batches padded without a recompile."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = build_preset_encoder(name, random_init=True, model_kwargs=TINY)
+    fast = ref.replace(precision="bf16-true", compile="inductor")
+    x = tiles(8).cuda()
+    if name == "gigapath":
+        x = torch.nn.functional.pad(x, (0, 0, 16, 16, 16, 16), value=128)  # its 256-px tiles
+    with torch.inference_mode():
+        want, got, short = ref(x), fast(x), fast(x[:3])
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2 * want.abs().max())
+    torch.testing.assert_close(short, got[:3], rtol=0, atol=1e-2 * want.abs().max())

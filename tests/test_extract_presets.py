@@ -328,3 +328,13 @@ def test_cli_extracts_with_a_preset(tmp_path, capsys):
     assert attrs["encoder"] == "virchow2" and attrs["pooling"] == "cls+mean"
     assert attrs["model"] == "vit_huge_patch14_224" and attrs["feature_dim"] == 64
     assert list(attrs["preprocessing_mean"]) == pytest.approx(IMAGENET[0])
+    # the same tiles through the same encoder, called directly
+    from longvit.slides import Slide
+
+    encoder = build_preset_encoder("virchow2", weights, model_kwargs=small)
+    with Slide(tmp_path / "s.tif") as slide:
+        tiles = np.stack([slide.read_region_at_mpp((int(x), int(y)), (224, 224), 0.5)
+                          for x, y in got.coords])  # fmt: skip
+    with torch.no_grad():
+        want = encoder(torch.from_numpy(tiles)).numpy()
+    np.testing.assert_allclose(got.features, want, rtol=1e-4, atol=1e-4)

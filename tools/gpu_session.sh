@@ -41,6 +41,7 @@ for stage in "${stages[@]}"; do
             tests/test_extract_preprocess.py tests/test_strided_ops.py \
             tests/test_attention_in_place.py \
             "tests/test_extract_features.py::test_features_on_gpu_equal_direct_model_call" \
+            tests/test_extract_precision.py \
             2>&1 | tail -15 ;;
     attention)
         python tools/bench_attention.py --iters 3 --out "$OUT/attention.json" ;;
