@@ -3,6 +3,8 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
+#   bash tools/gpu_session.sh extract_gigapath           # about 8 minutes (carry .whl)
+#   ENCODERS="gigapath uni" SETTINGS="bf16-true+compile" bash tools/gpu_session.sh presets
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
 # fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
 # preprocess, op, extract, extract_gigapath, presets, slide_task. Results go to $OUT
@@ -67,13 +69,15 @@ for stage in "${stages[@]}"; do
     extract_gigapath)  # Prov-GigaPath's tile encoder end to end, and the model path's settings
         wheels
         python tools/bench_extract.py --encoder gigapath --precision bf16-true --compile \
-            --compare bf16 bf16+compile bf16-true --slides 16 --slide-size 24000 --repeats 2 \
-            --workers 15 --out "$OUT/extract_gigapath.json" 2>&1 | grep -v "it/s" | tail -25 ;;
-    presets)  # every preset's model alone: timm's bf16 autocast against bf16 weights + compile
-        for encoder in gigapath uni uni2-h virchow virchow2 h-optimus-0 phikon; do
+            --compare bf16 bf16+compile bf16-true --model-batches 30 --slides 16 \
+            --slide-size 24000 --repeats 2 --workers 15 --out "$OUT/extract_gigapath.json" 2>&1 \
+            | grep -v "it/s" | tail -25 ;;
+    presets)  # each preset's model alone: timm's bf16 autocast against ${SETTINGS}
+        wheels
+        for encoder in ${ENCODERS:-gigapath uni uni2-h virchow virchow2 h-optimus-0 phikon}; do
             python tools/bench_extract.py --encoder "$encoder" --model-only --model-batches 20 \
-                --repeats 2 --compare bf16-true+compile --out "$OUT/model_$encoder.json" \
-                2>&1 | grep -v Warning | tail -5
+                --repeats 2 --compare ${SETTINGS:-bf16-true+compile} \
+                --out "$OUT/model_$encoder.json" 2>&1 | grep -v Warning | tail -5
         done ;;
     slide_task)
         wheels
