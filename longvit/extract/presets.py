@@ -236,11 +236,12 @@ PRESETS: tuple[TileEncoderPreset, ...] = (
         ),  # fmt: skip
         notes="ViT-H/14 with 4 registers, trained at 5x-40x; class token + mean patch token",
     ),
-    # H-optimus-0 (bioptimus/releases README; the Hub model card builds the same network as
-    # timm's vit_giant_patch14_reg4_dinov2 with img_size 224, init_values 1e-5,
-    # dynamic_img_size False): ViT-g/14, 4 registers, 40 blocks, 24 heads, 1536-d. "expects
-    # images of size 224x224, extracted at 0.5 microns per pixel"; transform ToTensor +
-    # Normalize(its own mean/std), no resize (bicubic, our choice, for other tile sizes).
+    # H-optimus-0 (bioptimus/releases README: ViT-g/14, 4 registers, 40 blocks, 24 heads,
+    # 1536-d, GluMlp(SiLU, gate_last=False) at mlp_ratio 5.33334, no_embed_class: timm's
+    # vit_giant_patch14_reg4_dinov2, as the Hub card creates it with img_size 224,
+    # init_values 1e-5, dynamic_img_size False). "expects images of size 224x224, extracted
+    # at 0.5 microns per pixel"; transform ToTensor + Normalize(its own mean/std), no resize
+    # (bicubic, our choice, for other tile sizes).
     TileEncoderPreset(
         name="h-optimus-0",
         title="H-optimus-0",
@@ -275,8 +276,9 @@ PRESETS: tuple[TileEncoderPreset, ...] = (
     ),
     # Phikon (owkin/phikon): a transformers ViTModel (config.json: ViT-B/16, 768-d, 12 layers,
     # 12 heads, 224 px, qkv bias), i.e. timm's vit_base_patch16_224 under other key names; the
-    # embedding is last_hidden_state[:, 0] (the model card). LayerNorm eps: timm's 1e-6 (the
-    # repository's config says 1e-12; a change to 1e-6 "to match timm" was proposed there).
+    # embedding is last_hidden_state[:, 0] (TRIDENT's Phikon encoder). LayerNorm eps: timm's
+    # 1e-6 (the repository's config says 1e-12; a change to 1e-6 "to match timm" was proposed
+    # there; outputs differ by < 1e-6).
     # Preprocessing: resize to 224, ImageNet mean/std; bilinear is TRIDENT's choice.
     TileEncoderPreset(
         name="phikon",
