@@ -278,7 +278,7 @@ PRESETS: tuple[TileEncoderPreset, ...] = (
     # 12 heads, 224 px, qkv bias), i.e. timm's vit_base_patch16_224 under other key names; the
     # embedding is last_hidden_state[:, 0] (TRIDENT's Phikon encoder). LayerNorm eps: timm's
     # 1e-6 (the repository's config says 1e-12; a change to 1e-6 "to match timm" was proposed
-    # there; outputs differ by < 1e-6).
+    # there; with random weights the two give features within 1e-6).
     # Preprocessing: resize to 224, ImageNet mean/std; bilinear is TRIDENT's choice.
     TileEncoderPreset(
         name="phikon",
