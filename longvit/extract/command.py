@@ -1,4 +1,4 @@
-"""``longvit extract``: tile features from any timm model into one HDF5 file per slide.
+"""``longvit extract``: tile features from a published encoder or any timm model, per slide.
 
     longvit extract --encoder NAME --weights FILE --tiles DIR --out DIR   # a published encoder
     longvit extract --model NAME [--weights FILE] --tiles DIR --out DIR   # any timm model
