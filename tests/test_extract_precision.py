@@ -87,3 +87,10 @@ def test_compiled_bf16_weights_on_gpu_close_to_fp32(name):
         want, got, short = ref(x), fast(x), fast(x[:3])
     torch.testing.assert_close(got, want, rtol=0, atol=5e-2 * want.abs().max())
     torch.testing.assert_close(short, got[:3], rtol=0, atol=1e-2 * want.abs().max())
+
+
+def test_blocks_that_differ_compile_as_one_model():
+    """efficientnet's blocks are stages of different shapes: the model compiles whole."""
+    net = build_tile_encoder("efficientnet_b0", random_init=True, compile="eager")
+    assert net.model._compiled_call_impl is not None
+    assert net.model.blocks[0]._compiled_call_impl is None

@@ -271,15 +271,22 @@ class TileEncoder(nn.Module):
 
 def compile_regions(model: nn.Module, backend: str = "inductor") -> None:
     """``torch.compile`` in place: each of a ViT's ``blocks`` (found on the model or on its
-    ``vit`` attribute), else the whole model. Identical blocks share one compilation (torch
-    >= 2.5 treats module parameters as inputs), so a 40-block ViT-g compiles about as fast as
-    one block; the parts between blocks stay eager."""
+    ``vit`` attribute) when they are all alike, else the whole model. Identical blocks share
+    one compilation (torch >= 2.5 treats module parameters as inputs), so a 40-block ViT-g
+    compiles about as fast as one block; the parts between blocks stay eager. Blocks that
+    differ (a CNN's stages) would each compile anew, past dynamo's recompile limit."""
     blocks = getattr(getattr(model, "vit", model), "blocks", None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and _all_alike(blocks):
         for block in blocks:
             block.compile(backend=backend, dynamic=False)
     else:
         model.compile(backend=backend, dynamic=False)
+
+
+def _all_alike(blocks: nn.Module) -> bool:
+    """Whether every block has the same class and parameter shapes (one compiled graph)."""
+    kinds = {(type(b), tuple((n, p.shape) for n, p in b.named_parameters())) for b in blocks}
+    return len(kinds) == 1
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
