@@ -64,13 +64,19 @@ def resolve_weights_path(weights: str | os.PathLike, preset: TileEncoderPreset) 
 
 
 def read_weights(path: Path, preset: TileEncoderPreset) -> dict[str, torch.Tensor]:
-    """The file's tensors under their stored names: safetensors, or a torch checkpoint loaded
-    with ``weights_only=True`` (timm's reader: the ``state_dict`` / ``model`` entry of a training
-    checkpoint, EMA weights when present, ``module.`` removed)."""
-    from timm.models import load_state_dict
+    """The file's tensors under their stored names: a .safetensors file, or a torch checkpoint
+    loaded with ``weights_only=True`` (of a training checkpoint, its ``state_dict`` or
+    ``model`` entry)."""
+    import safetensors.torch
+
+    from longvit.models.checkpoint import unwrap_checkpoint
 
     try:
-        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = unwrap_checkpoint(state) if isinstance(state, dict) else {}
     except Exception as err:  # noqa: BLE001 - any reader failure means: not a weights file
         raise WeightsFileError(
             f"{path}: cannot be read as model weights ({type(err).__name__}: "
