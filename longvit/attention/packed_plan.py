@@ -79,6 +79,15 @@ class PackedPlan:
     key_slots: torch.Tensor
     key_slot_bias: torch.Tensor
     null_lse: torch.Tensor | None
+    owner: tuple = ()  # the configuration of the layers built for (``fits``)
+
+    def fits(self, batch: int, tokens: int, key_padding_mask, owner: tuple) -> bool:
+        """Whether this plan is the one ``build_plan(..., owner=owner)`` gives these inputs."""
+        mask = None if key_padding_mask is None else id(key_padding_mask)
+        return (
+            self.key[0] == batch and self.key[1] == tokens and self.key[5] == mask
+            and self.owner == owner
+        )  # fmt: skip
 
     @property
     def batch(self) -> int:
@@ -113,11 +122,14 @@ def build_plan(
     key_padding_mask: torch.Tensor | None = None,
     zero_padded_keys: bool = False,
     device: torch.device | str = "cpu",
+    owner: tuple = (),
 ) -> PackedPlan:
     """The packed layout of (B, N, H) inputs for branches ((segment_length, rate), ...).
 
     key_padding_mask: (B, N) bool, True = padding (never a key; read once on the host).
     zero_padded_keys: count the zero keys of Prov-GigaPath's padding (``null_lse``).
+    owner: what the caller derives the branches from (a layer's configuration), so that a
+        layer can tell cheaply whether a plan was built for it (``fits``).
     """
     if causal and key_padding_mask is not None:
         raise ValueError("a packed plan takes causal or a key_padding_mask, not both")
@@ -171,6 +183,7 @@ def build_plan(
         key_slots=key_slots,
         key_slot_bias=key_slot_bias,
         null_lse=null_lse,
+        owner=owner,
     )
 
 
