@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from longvit.models import layers
 from longvit.models.layers import LinearInputNorm, layer_norm_float32_math, set_fused_norm
 
 
@@ -71,8 +72,9 @@ def test_without_autocast_it_is_layer_norm():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast's CUDA policy)")
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
-def test_equals_layer_norm_under_cuda_autocast(fused, in_dtype):
+def test_equals_layer_norm_under_cuda_autocast(fused, in_dtype, monkeypatch):
     """ATen path: bit for bit. Compiled path: the same float32 math, summed in another order."""
+    monkeypatch.setattr(layers, "FUSED_NORM_TOKENS", 0)  # the compiled path at every size
     torch.manual_seed(0)
     norm, linear = LinearInputNorm(768, eps=1e-6).cuda(), nn.Linear(768, 2304).cuda()
     ref = nn.LayerNorm(768, eps=1e-6).cuda()
@@ -125,7 +127,6 @@ def test_fused_norm_math_equals_layer_norm_in_float64():
 
 def test_fused_norm_falls_back_once_with_a_warning(monkeypatch):
     """Where torch.compile cannot build the kernel, the norm warns once and stays on ATen."""
-    from longvit.models import layers
 
     def broken(*args, **kwargs):
         raise RuntimeError("no Triton here")

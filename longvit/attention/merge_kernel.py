@@ -4,6 +4,8 @@
   (token, head) rows: it reads each row's packed q row per branch (``plan.slots``), their
   LSEs and the branches' output rows, and writes the merged row in the output dtype and its
   LSE, accumulating in float32. Same values as ``packed.merge_reference``.
+- ``select_rows_on_gpu``, the gathers: rows of a (rows, D) tensor by index, one program a
+  tile of rows (ATen's index_select moved 160 GB/s on these 96-byte rows on an H200).
 - ``add_branches_on_gpu``, the backward's way back: each (token, head) row of dq (dk, dv)
   is the float32 sum of its packed gradient rows over the branches, written once into the
   projection's gradient (no atomics; deterministic).
@@ -108,3 +110,31 @@ def add_branches_on_gpu(grad, src, slots, bias, heads: int, stride: int, offset:
         src, slots, bias, grad, rows, heads, stride, offset,
         D=d, NB=nb, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
+
+
+@triton.jit
+def _select_rows(
+    src_ptr, index_ptr, out_ptr, rows,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    d = tl.arange(0, BLOCK_D)
+    mask = live[:, None] & (d < D)[None, :]
+    s = tl.load(index_ptr + r, mask=live, other=0)
+    x = tl.load(src_ptr + s[:, None] * D + d[None, :], mask=mask)
+    tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=mask)
+
+
+def select_rows_on_gpu(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for a contiguous x (rows, D) on CUDA: (len(index), D)."""
+    rows, d = index.numel(), x.shape[-1]
+    out = torch.empty(rows, d, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(256, 8192 // block_d))
+    _select_rows[(triton.cdiv(rows, block_r),)](
+        x, index, out, rows, D=d, BLOCK_R=block_r, BLOCK_D=block_d
+    )
+    return out

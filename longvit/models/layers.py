@@ -232,8 +232,9 @@ class LinearInputNorm(nn.LayerNorm):
     a norm whose output is used otherwise (pooled, added) must stay an nn.LayerNorm.
     Without autocast it is nn.LayerNorm.
 
-    On CUDA the float32 arithmetic runs as one kernel per direction that torch.compile
-    generates (bf16 in, float32 math, bf16 out: no float32 copy is ever written; at 1M x 768
+    On CUDA, for inputs of at least FUSED_NORM_TOKENS rows, the float32 arithmetic runs
+    as one kernel per direction that torch.compile generates (bf16 in, float32 math, bf16
+    out: no float32 copy is ever written; at 1M x 768
     tokens forward + backward take 3.4 ms against 16.7 ms for the same arithmetic through
     ATen's kernels and casts, docs/benchmarks.md). Its values equal the ATen path's to float32
     round-off (a different summation order). ``set_fused_norm(False)`` or the environment
@@ -247,13 +248,20 @@ class LinearInputNorm(nn.LayerNorm):
             return super().forward(x)
         if not out_dtype.is_floating_point or x.dtype not in (out_dtype, torch.float32):
             return super().forward(x)
-        if x.is_cuda and _fused.enabled:
+        if x.is_cuda and _fused.enabled and x.numel() >= FUSED_NORM_TOKENS * x.shape[-1]:
             out = _fused_layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
             if out is not None:
                 return out
         return _LayerNormToAutocast.apply(
             x, self.weight, self.bias, self.normalized_shape, self.eps, out_dtype
         )
+
+
+# The compiled kernel pays where one sequence is long (1M x 768 tokens: 3.4 against 16.7 ms);
+# below, its guarded call costs host time (longvit_slide_base at 4,000 tiles: 34 ms of
+# inference with it, 14 ms without) and each new slide size can compile again (a cohort's
+# first pass took 1.8x its second). One H200, bf16; docs/benchmarks.md.
+FUSED_NORM_TOKENS = 2**17
 
 
 def set_fused_norm(enable: bool = True) -> None:
