@@ -6,7 +6,8 @@ argparse args) with torch.save. The expected outputs come from a float64 re-impl
 of torchscale's LongViT forward written in this file from its semantics (their encoder
 layer, dilated attention and fine-tuning head), independent of longvit's attention code.
 Sizes are tiny (dim 64, 16 heads as published, 2 layers, 8 px patches) so that the token
-counts of LongViT's segment table (1,024 and 16,384) are reached with small images.
+counts of LongViT's segment table (1,024 and 16,384) are reached with small images; at
+4,096 and 16,384 tokens one layer is checked at 302 of its outputs (the reference's cost).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TINY = dict(embed_dim=DIM, num_heads=HEADS, depth=DEPTH, patch_size=PATCH, img_s
 GRID = 256 // PATCH  # the checkpoint's table: 32 x 32, as the published 1024 px / 32 px
 
 
-def published_checkpoint(path, seed=0, grid=GRID):
+def published_checkpoint(path, seed=0, depth=DEPTH):
     """A random checkpoint laid out as longvit_small_patch32_1024.pth; returns the teacher."""
     g = torch.Generator().manual_seed(seed)
 
@@ -48,11 +49,11 @@ def published_checkpoint(path, seed=0, grid=GRID):
         }
 
     backbone = {
-        "pos_embed": rand(1, grid * grid, DIM, scale=0.5),
+        "pos_embed": rand(1, GRID * GRID, DIM, scale=0.5),
         "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH, scale=(3 * PATCH * PATCH) ** -0.5),
         "patch_embed.proj.bias": rand(DIM),
     }
-    for i in range(DEPTH):
+    for i in range(depth):
         p = f"encoder.layers.{i}."
         for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
             backbone.update(linear(p + f"self_attn.{name}", DIM, DIM))
@@ -89,38 +90,41 @@ def their_layer_norm(x, sd, prefix):
     return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], 1e-5)
 
 
-def their_dilated_attention(q, k, v, segment_lengths, rates):
-    """LongNet's dilated attention as torchscale computes it, q/k/v (N, H, D) float64.
+def their_dilated_attention(q, k, v, segment_lengths, rates, rows):
+    """LongNet's dilated attention as torchscale computes it, at query positions `rows`.
 
-    Per branch (w, r): segments of min(w, N) tokens; heads in r groups of ceil(H / r), group
-    o keeping the positions p with p % r == o inside each segment; softmax attention among
-    those; branches merged by the softmax weights of their log-sum-exps.
+    q, k, v: (N, H, D) float64; rows: (R,) positions. Returns (R, H, D). Per branch (w, r):
+    segments of min(w, N) tokens; heads in r groups of ceil(H / r); group o keeps the
+    positions p with p % r == o inside each segment, which attend to each other; branches
+    merged by the softmax weights of their log-sum-exps.
     """
     n, h, d = q.shape
     outs, lses = [], []
     for w, r in zip(segment_lengths, rates):
         w = min(w, n)
-        assert n % w == 0, "the reference covers whole segments (all the table's sizes do)"
+        assert n % w == 0 and w % r == 0, "whole segments (as at all the table's sizes)"
         group = math.ceil(h / r)
-        out = torch.zeros_like(q)
-        lse = torch.full((n, h), -math.inf, dtype=q.dtype)
+        out = q.new_zeros(len(rows), h, d)
+        lse = q.new_full((len(rows), h), -math.inf)
         for head in range(h):
             o = head // group
-            for start in range(0, n, w):
-                idx = torch.arange(start + o, start + w, r)
-                if idx.numel() == 0:
-                    continue
-                s = q[idx, head] @ k[idx, head].T / math.sqrt(d)
-                lse[idx, head] = torch.logsumexp(s, dim=-1)
-                out[idx, head] = torch.softmax(s, dim=-1) @ v[idx, head]
+            hit = (rows % w) % r == o  # the queries of this branch for this head
+            p = rows[hit]
+            keys = (p // w * w + o)[:, None] + r * torch.arange(w // r)  # (R', w / r)
+            s = (q[p, head, None, :] * k[keys, head]).sum(-1) / math.sqrt(d)  # (R', w / r)
+            lse[hit, head] = torch.logsumexp(s, dim=-1)
+            out[hit, head] = (torch.softmax(s, dim=-1)[..., None] * v[keys, head]).sum(1)
         outs.append(out)
         lses.append(lse)
-    weights = torch.softmax(torch.stack(lses), dim=0)  # (branches, N, H)
+    weights = torch.softmax(torch.stack(lses), dim=0)  # (branches, R, H)
     return sum(wt[..., None] * o for wt, o in zip(weights, outs))
 
 
-def their_tokens(teacher, image, segment_lengths):
-    """torchscale LongViT (examples/longvit) tokens for one image (3, H, W), float64."""
+def their_tokens(teacher, image, segment_lengths, rows=None):
+    """torchscale LongViT (examples/longvit) tokens for one image (3, H, W), float64.
+
+    rows: positions (R,) whose output tokens to compute (all when None); the last layer
+    computes only those (its attention needs every key, but only their queries)."""
     sd = {k[len("backbone.") :]: v.double() for k, v in teacher.items() if "backbone." in k}
     x = F.conv2d(
         image[None].double(),
@@ -128,16 +132,19 @@ def their_tokens(teacher, image, segment_lengths):
         sd["patch_embed.proj.bias"],
         stride=PATCH,
     )
-    rows, cols = x.shape[2:]
+    grid = tuple(x.shape[2:])
     x = x.flatten(2).transpose(1, 2)[0]  # (N, C), row-major
     table = sd["pos_embed"].reshape(1, GRID, GRID, DIM).permute(0, 3, 1, 2)
-    if (rows, cols) != (GRID, GRID):  # their fine-tuning loader's resize, in float32 as theirs
-        table = F.interpolate(table.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+    if grid != (GRID, GRID):  # their fine-tuning loader's resize, in float32 as theirs
+        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
         table = table.double()  # (their loader then rounds it to float16; longvit keeps float32)
     x = x + table.permute(0, 2, 3, 1).reshape(-1, DIM)
     n = x.shape[0]
-    for i in range(DEPTH):
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    everything = torch.arange(n)
+    for i in range(depth):
         p = f"encoder.layers.{i}."
+        keep = rows if i == depth - 1 and rows is not None else everything
         y = their_layer_norm(x, sd, p + "self_attn_layer_norm")
         q, k, v = (
             F.linear(
@@ -145,9 +152,10 @@ def their_tokens(teacher, image, segment_lengths):
             ).view(n, HEADS, -1)
             for t in "qkv"
         )
-        a = their_dilated_attention(q, k, v, segment_lengths, [1, 2, 4, 8, 16]).reshape(n, DIM)
-        a = their_layer_norm(a, sd, p + "self_attn.inner_attn_ln")
-        x = x + F.linear(a, sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"])
+        a = their_dilated_attention(q, k, v, segment_lengths, [1, 2, 4, 8, 16], keep)
+        a = their_layer_norm(a.reshape(len(keep), DIM), sd, p + "self_attn.inner_attn_ln")
+        out_proj = sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"]
+        x = x[keep] + F.linear(a, *out_proj)
         y = their_layer_norm(x, sd, p + "final_layer_norm")
         y = F.gelu(F.linear(y, sd[p + "ffn.fc1.weight"], sd[p + "ffn.fc1.bias"]))
         y = their_layer_norm(y, sd, p + "ffn.ffn_layernorm")
@@ -194,25 +202,32 @@ def test_every_weight_arrives_from_the_teacher(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "image_px, segment_lengths",
+    "image_px, segment_lengths, rows",
     [
-        (256, [64, 128, 256, 512, 1024]),  # 1,024 tokens: LongViT's 1024 px lengths
-        (128, [64, 128, 256, 512, 1024]),  # 256 tokens (a 512 px DINO local crop's count)
-        (512, [64, 128, 256, 512, 1024]),  # 4,096 tokens: not in the table, 1024 px lengths
-        (1024, [1024, 2048, 4096, 8192, 16384]),  # 16,384 tokens: LongViT's 4096 px lengths
+        (256, [64, 128, 256, 512, 1024], None),  # 1,024 tokens: LongViT's 1024 px lengths
+        (128, [64, 128, 256, 512, 1024], None),  # 256 tokens (a 512 px DINO local crop's)
+        (512, [64, 128, 256, 512, 1024], 300),  # 4,096 tokens: not in the table
+        (1024, [1024, 2048, 4096, 8192, 16384], 300),  # 16,384: LongViT's 4096 px lengths
     ],
 )
-def test_tokens_equal_their_forward(tmp_path, image_px, segment_lengths):
+def test_tokens_equal_their_forward(tmp_path, image_px, segment_lengths, rows):
+    depth = DEPTH if rows is None else 1  # one layer, checked at some of its outputs
     path = tmp_path / "w.pth"
-    teacher = published_checkpoint(path, seed=image_px)
-    model = create(path, num_classes=3).double()
+    teacher = published_checkpoint(path, seed=image_px, depth=depth)
+    model = create(path, num_classes=3, depth=depth).double()
     n = (image_px // PATCH) ** 2
     assert model.blocks[0].attn.schedule(n) == longvit_schedule(n) == segment_lengths
-    image = torch.randn(1, 3, image_px, image_px, generator=torch.Generator().manual_seed(1))
-    expected = their_tokens(teacher, image[0], segment_lengths)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 3, image_px, image_px, generator=g)
+    if rows is not None:  # the last layer's outputs at some positions, the first and last too
+        rows = torch.cat([torch.tensor([0, n - 1]), torch.randperm(n, generator=g)[:rows]])
+    expected = their_tokens(teacher, image[0], segment_lengths, rows)
     with torch.no_grad():
         tokens = model.forward_features(image.double())
         logits = model(image.double())
+    if rows is not None:
+        torch.testing.assert_close(tokens[0, rows], expected, rtol=1e-9, atol=1e-9)
+        return
     torch.testing.assert_close(tokens[0], expected, rtol=1e-9, atol=1e-9)
     # their LongViTForTCGAClassification: head(fc_norm(mean over tokens))
     pooled = F.layer_norm(expected.mean(0), (DIM,), model.fc_norm.weight, model.fc_norm.bias, 1e-5)
@@ -317,3 +332,11 @@ def test_incomplete_or_other_size_checkpoints_are_refused(tmp_path):
         create(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="pretrained_cfg_overlay"):
         timm.create_model("longvit_small.tcga_dino", pretrained=True)
+
+
+def test_grey_model_takes_the_rgb_patch_embedding_as_timm_adapts_it(tmp_path):
+    path = tmp_path / "w.pth"
+    teacher = published_checkpoint(path)
+    grey = create(path, in_chans=1)
+    rgb = teacher["backbone.patch_embed.proj.weight"]
+    torch.testing.assert_close(grey.patch_embed.proj.weight, rgb.sum(dim=1, keepdim=True))

@@ -71,7 +71,9 @@ def longvit_schedule(
     1024 px lengths, as torchscale's LongViT does for an image size outside its table.
     Lengths above N act as N (the attention caps them), e.g. a 512 px image (256 tokens)
     attends with [64, 128, 256, 256, 256], the lengths of LongViT's DINO local crops.
-    Needs the five rates the table was made for (LongViT's [1, 2, 4, 8, 16]).
+    The table is keyed by whole image grids: a sequence of kept (tissue) tokens gets the
+    1024 px lengths unless its count is one of the table's. Needs the five rates the table
+    was made for (LongViT's [1, 2, 4, 8, 16]).
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")

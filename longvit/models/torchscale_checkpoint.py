@@ -139,7 +139,7 @@ def torchscale_filter_fn(state_dict: dict, model: nn.Module) -> dict[str, torch.
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)}, model {tuple(model_state[k].shape)}"
         for k, v in out.items()
-        if k in model_state and v.shape != model_state[k].shape
+        if k in model_state and v.shape != model_state[k].shape and not _other_in_chans(k, v, model)
     ]
     extra = sorted(set(out) - set(model_state))
     fresh = ("fc_norm.", "head.")
@@ -221,6 +221,17 @@ def convert_backbone(backbone: dict, source: str = "checkpoint") -> dict[str, to
             "on a square grid (1, 1024, 384 for the published weights)"
         )
     return out
+
+
+def _other_in_chans(key: str, value: torch.Tensor, model: nn.Module) -> bool:
+    """The patch embedding of an RGB checkpoint for a model of other in_chans: timm's loader
+    adapts it (``adapt_input_conv``) after this filter."""
+    target = model.state_dict()[key]
+    return (
+        key == "patch_embed.proj.weight"
+        and value.dim() == 4
+        and value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]
+    )
 
 
 def _backbone(checkpoint: dict) -> dict | None:
