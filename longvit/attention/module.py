@@ -112,7 +112,7 @@ class MultiheadDilatedAttention(nn.Module):
         """What a packed plan of this layer derives from, besides the input's shape."""
         segments = self.segment_lengths
         return (
-            self.num_heads, segments if segments == "auto" else tuple(segments),
+            self.num_heads, segments if isinstance(segments, str) else tuple(segments),
             tuple(self.dilation_rates), self.causal, self.zero_padded_keys,
         )  # fmt: skip
 
