@@ -52,7 +52,7 @@ from longvit.attention.layout import (
 )
 from longvit.attention.packed import packed_attention
 from longvit.attention.packed_plan import build_plan
-from longvit.attention.schedule import check_schedule, segment_schedule
+from longvit.attention.schedule import check_schedule, resolve_segment_lengths
 from longvit.attention.strided_ops import (
     NO_KEY,  # a query with no key in a branch gets this LSE
     MergeEntry,
@@ -115,8 +115,9 @@ def dilated_attention(
 
     Args:
         q, k, v: (B, N, H, D), one floating dtype, one device.
-        segment_lengths: one segment length w_i per branch, in tokens, or "auto"
-            for a geometric schedule up to N (see ``segment_schedule``).
+        segment_lengths: one segment length w_i per branch, in tokens, or a schedule
+            name: "auto" for a geometric schedule up to N (``segment_schedule``),
+            "longvit" for LongViT's published per-size lengths (``longvit_schedule``).
         dilation_rates: one rate r_i per branch.
         causal: queries attend only to keys at positions <= their own.
         key_padding_mask: (B, N) bool, True where a token is padding (never a key).
@@ -296,9 +297,7 @@ def checked_branches(
     """((segment_length, rate), ...) for a sequence of num_tokens tokens; ValueError naming
     the argument when the lists do not describe branches."""
     if isinstance(segment_lengths, str):
-        if segment_lengths != "auto":
-            raise ValueError(f"segment_lengths must be a list or 'auto', got {segment_lengths!r}")
-        segment_lengths = segment_schedule(num_tokens, dilation_rates)
+        segment_lengths = resolve_segment_lengths(segment_lengths, num_tokens, dilation_rates)
     segment_lengths = [int(w) if _is_int(w) else w for w in segment_lengths]
     dilation_rates = [int(r) if _is_int(r) else r for r in dilation_rates]
     check_schedule(segment_lengths, dilation_rates)
@@ -306,7 +305,8 @@ def checked_branches(
 
 
 def _plain(values) -> bool:
-    """ "auto", or a list or tuple of Python ints (what a remembered plan can be keyed by)."""
+    """A schedule name, or a list or tuple of Python ints (what a remembered plan can be
+    keyed by)."""
     if isinstance(values, str):
         return True
     return isinstance(values, (list, tuple)) and all(type(x) is int for x in values)

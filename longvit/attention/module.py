@@ -18,7 +18,12 @@ from longvit.attention.dilated import (
 from longvit.attention.packed import packed_attention
 from longvit.attention.packed_plan import PackedPlan, build_plan
 from longvit.attention.projected import head_chunks, projected_dilated_attention
-from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
+from longvit.attention.schedule import (
+    DEFAULT_DILATION_RATES,
+    check_schedule,
+    check_schedule_name,
+    resolve_segment_lengths,
+)
 from longvit.autocast import autocast_dtype
 
 
@@ -28,8 +33,9 @@ class MultiheadDilatedAttention(nn.Module):
     Args:
         dim: channels C of the input (B, N, C).
         num_heads: H; C must be divisible by H.
-        segment_lengths: one length per branch, or "auto" to derive a geometric
-            schedule from each input's N (``segment_schedule``).
+        segment_lengths: one length per branch, or a schedule name that derives them
+            from each input's N: "auto", a geometric schedule (``segment_schedule``);
+            "longvit", LongViT's published per-size lengths (``longvit_schedule``).
         dilation_rates: one rate per branch (LongViT: [1, 2, 4, 8, 16]).
         qkv_bias: bias in the q/k/v projection.
         attn_drop: attention dropout, active only in training mode.
@@ -70,11 +76,9 @@ class MultiheadDilatedAttention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         dilation_rates = [int(r) for r in dilation_rates]
-        if segment_lengths != "auto":
-            if isinstance(segment_lengths, str):
-                raise ValueError(
-                    f"segment_lengths must be a list or 'auto', got {segment_lengths!r}"
-                )
+        if isinstance(segment_lengths, str):
+            check_schedule_name(segment_lengths, dilation_rates)
+        else:
             segment_lengths = [int(w) for w in segment_lengths]
             check_schedule(segment_lengths, dilation_rates)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -101,16 +105,14 @@ class MultiheadDilatedAttention(nn.Module):
 
     def schedule(self, num_tokens: int) -> list[int]:
         """Segment lengths used for a sequence of num_tokens tokens."""
-        if self.segment_lengths == "auto":
-            return segment_schedule(num_tokens, self.dilation_rates)
-        return list(self.segment_lengths)
+        return resolve_segment_lengths(self.segment_lengths, num_tokens, self.dilation_rates)
 
     @property
     def plan_config(self) -> tuple:
         """What a packed plan of this layer derives from, besides the input's shape."""
         segments = self.segment_lengths
         return (
-            self.num_heads, segments if segments == "auto" else tuple(segments),
+            self.num_heads, segments if isinstance(segments, str) else tuple(segments),
             tuple(self.dilation_rates), self.causal, self.zero_padded_keys,
         )  # fmt: skip
 

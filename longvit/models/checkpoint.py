@@ -8,8 +8,9 @@ calls on weights given through ``pretrained_cfg_overlay=dict(file=...)``
   or its state dict, whose keys carry the LightningModule attribute path
   (``model.blocks.0...``, ``backbone.encoder.blocks.0...``): the prefix that
   matches the model is found and removed;
-- a learned position table of another grid: resampled to the model's grid the
-  way timm's ViTs do (bicubic, antialiased).
+- a learned position table of another grid: resampled to the model's grid as the
+  model resamples it at run time (timm's bicubic, antialiased unless the model has
+  ``pos_embed_antialias=False``).
 """
 
 from __future__ import annotations
@@ -99,12 +100,14 @@ def _resample_table(pos: torch.Tensor, target: torch.Tensor, model: nn.Module) -
         )
     new = tuple(getattr(model, "pos_grid", None) or (math.isqrt(target.shape[1]),) * 2)
     _logger.info("Resampling pos_embed from grid %s to %s", old, new)
-    return resample_pos_embed(pos.to(target.dtype), old, new)
+    antialias = getattr(model, "pos_embed_antialias", True)
+    return resample_pos_embed(pos.to(target.dtype), old, new, antialias)
 
 
-def build_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
-    """timm's build_model_with_cfg for a longvit class: weights through
-    ``checkpoint_filter_fn``, feature maps by ``forward_intermediates`` (out_indices)."""
+def build_model(model_cls, variant: str, pretrained: bool = False, filter_fn=None, **kwargs):
+    """timm's build_model_with_cfg for a longvit class: weights through `filter_fn`
+    (default ``checkpoint_filter_fn``), feature maps by ``forward_intermediates``
+    (out_indices)."""
     from timm.models import build_model_with_cfg
 
     out_indices = kwargs.pop("out_indices", 3)
@@ -112,7 +115,7 @@ def build_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn or checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -45,10 +45,14 @@ class DilatedEncoder(nn.Module):
         fc_norm: norm after pooling instead of before it; None: when pooling is
             "avg"/"max" (LongViT: mean pool, then norm, then head).
         sub_ln: LongNet sub-LayerNorm in each block.
-        segment_lengths: "auto" (derived from each input's token count) or one
-            length per dilation rate.
+        segment_lengths: one length per dilation rate, or derived from each input's
+            token count: "auto" (a geometric schedule) or "longvit" (LongViT's published
+            per-image-size table, ``longvit.attention.schedule.longvit_schedule``).
         dilation_rates: LongViT's (1, 2, 4, 8, 16) by default.
         init_values: LayerScale init; None disables LayerScale.
+        norm_eps: epsilon of every LayerNorm the model builds (block norms, sub-LN, final
+            norm / fc_norm) when norm_layer is None. 1e-6 as timm's ViTs; torchscale's
+            LongViT uses PyTorch's default 1e-5.
         drop_rate: head dropout. pos_drop_rate: dropout after position embedding.
         proj_drop_rate, attn_drop_rate, drop_path_rate: block dropouts (drop path
             rises linearly over depth to drop_path_rate).
@@ -76,6 +80,7 @@ class DilatedEncoder(nn.Module):
         segment_lengths: Sequence[int] | str = "auto",
         dilation_rates: Sequence[int] = DEFAULT_DILATION_RATES,
         init_values: float | None = None,
+        norm_eps: float = 1e-6,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -94,8 +99,8 @@ class DilatedEncoder(nn.Module):
             raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         # inside the blocks every norm feeds a Linear: LinearInputNorm keeps no float32
         # copy under autocast (same values); the final norms feed pooling and stay float32
-        block_norm_layer = norm_layer or partial(LinearInputNorm, eps=1e-6)
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        block_norm_layer = norm_layer or partial(LinearInputNorm, eps=norm_eps)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
         act_layer = act_layer or nn.GELU
         use_fc_norm = global_pool in ("avg", "max") if fc_norm is None else fc_norm
 

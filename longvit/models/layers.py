@@ -31,8 +31,8 @@ class Block(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width as a multiple of dim.
         qkv_bias: bias in the q/k/v projection.
-        segment_lengths, dilation_rates: the dilated-attention branches ("auto":
-            derived from each input's token count).
+        segment_lengths, dilation_rates: the dilated-attention branches (a schedule
+            name, "auto" or "longvit", derives the lengths from each input's token count).
         sub_ln: LongNet sub-LayerNorm in attention and MLP (LongViT uses it).
         norm_layer: every norm of the block (each feeds a Linear); default
             ``LinearInputNorm`` (nn.LayerNorm's values, no float32 copies under autocast).

@@ -11,10 +11,12 @@ Three input forms, one set of weights:
   This is how a 100k x 80k pixel slide becomes a tractable sequence.
 
 Positions come from a learned table on the grid of ``img_size`` (LongViT: 1024 px
--> 32 x 32), resampled to the input's grid like timm's ViTs (bicubic, antialiased);
-for patch input only the rows at the given positions are computed
-(``pos_embed.sample_pos_embed``). No class token by default: LongViT mean-pools the
-tokens, then fc_norm, then the head.
+-> 32 x 32), resampled to the input's grid like timm's ViTs (bicubic, antialiased;
+``pos_embed_antialias=False``: plain bicubic, as torchscale's LongViT); for patch
+input only the rows at the given positions are computed (``pos_embed.sample_pos_embed``).
+No class token by default: LongViT mean-pools the tokens, then fc_norm, then the head.
+The ``longvit_small.tcga_dino`` tag loads torchscale's published LongViT weights
+(``torchscale_checkpoint``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from collections.abc import Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
 from longvit.models.checkpoint import build_model
 from longvit.models.encoder import DilatedEncoder, factory_device
 from longvit.models.layers import PatchEmbed
 from longvit.models.pos_embed import grid_positions, resample_pos_embed, sample_pos_embed
+from longvit.models.torchscale_checkpoint import (
+    PUBLISHED_FILE,
+    PUBLISHED_URL,
+    TORCHSCALE_LONGVIT_ARGS,
+    check_checkpoint_file,
+    torchscale_filter_fn,
+)
 
 __all__ = ["LongViT"]
 
@@ -44,6 +53,10 @@ class LongViT(DilatedEncoder):
         patch_size: patch side in pixels (LongViT: 32).
         in_chans: image channels.
         patch_chunk_size: patches embedded at a time by ``forward_patches``.
+        pos_embed_antialias: resample the learned position table to another grid with
+            antialiasing (timm's ViTs); False: plain bicubic (``F.interpolate`` with
+            align_corners=False, antialias=False), as torchscale's LongViT fine-tuning
+            resamples the table of its pretrained weights for larger images.
         mean, std: per-channel normalisation applied to uint8 patches in
             ``forward_patches`` (float input is taken as already normalised); None:
             ImageNet's for 3 channels, none (0 / 1) otherwise.
@@ -58,6 +71,7 @@ class LongViT(DilatedEncoder):
         patch_size: int = 32,
         in_chans: int = 3,
         patch_chunk_size: int = 65536,
+        pos_embed_antialias: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         device: torch.device | str | None = None,
@@ -78,6 +92,7 @@ class LongViT(DilatedEncoder):
             self.in_chans = in_chans
             self.patch_size = patch_size
             self.img_size = img_size
+            self.pos_embed_antialias = bool(pos_embed_antialias)
             self.patch_embed = PatchEmbed(
                 patch_size, in_chans, self.embed_dim, patch_chunk_size, mean=mean, std=std
             )
@@ -97,7 +112,7 @@ class LongViT(DilatedEncoder):
         """Image (B, C, H, W) -> (tokens (B, N, D), padding_mask (B, N) or None, grid)."""
         tokens = self.patch_embed(x)  # validates the image
         grid = self.patch_embed.grid_size(x.shape[2], x.shape[3])
-        pos = resample_pos_embed(self.pos_embed, self.pos_grid, grid)
+        pos = resample_pos_embed(self.pos_embed, self.pos_grid, grid, self.pos_embed_antialias)
         tokens = tokens + pos.to(tokens.dtype)
         if token_mask is None:
             return tokens, None, grid
@@ -137,6 +152,7 @@ class LongViT(DilatedEncoder):
         """
         b, n = positions.shape[:2]
         valid = None if padding_mask is None else ~padding_mask
+        aa = dict(antialias=self.pos_embed_antialias)
         out = []
         for i in range(b):
             pos_i = positions[i].long()
@@ -157,7 +173,7 @@ class LongViT(DilatedEncoder):
             pos_i = torch.stack(
                 [pos_i[:, 0].clamp(0, grid[1] - 1), pos_i[:, 1].clamp(0, grid[0] - 1)], dim=-1
             )
-            out.append(sample_pos_embed(self.pos_embed, self.pos_grid, grid, pos_i, dtype))
+            out.append(sample_pos_embed(self.pos_embed, self.pos_grid, grid, pos_i, dtype, **aa))
         return out[0].unsqueeze(0) if b == 1 else torch.stack(out)
 
     # ---------------------------------------------------------------- forward
@@ -339,8 +355,26 @@ def _sample_grid(grid_size, sel: torch.Tensor, i: int, batch: int) -> tuple[int,
 
 
 # ------------------------------------------------------------ registration
+# Pretrained tags whose weights come from torchscale's LongViT: the model takes the settings
+# they were trained with (arguments given to create_model still win) and their key mapping.
+TORCHSCALE_TAGS = ("tcga_dino",)
+
+
 def _create_longvit(variant: str, pretrained: bool = False, **kwargs) -> LongViT:
-    return build_model(LongViT, variant, pretrained, **kwargs)
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+    )
+    if cfg.tag not in TORCHSCALE_TAGS:
+        return build_model(LongViT, variant, pretrained, **kwargs)
+    if pretrained and cfg.state_dict is None:
+        if not cfg.file:
+            raise FileNotFoundError(
+                f"{variant}.{cfg.tag} is not downloaded by longvit: get {PUBLISHED_FILE} "
+                f"from {PUBLISHED_URL} and pass pretrained_cfg_overlay=dict(file=PATH)"
+            )
+        check_checkpoint_file(cfg.file)
+    kwargs = {**TORCHSCALE_LONGVIT_ARGS, **kwargs}
+    return build_model(LongViT, variant, pretrained, filter_fn=torchscale_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
@@ -366,6 +400,18 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = generate_default_cfgs(
     {
         "longvit_small": _cfg(),
+        # torchscale's LongViT, DINO on 1024 px TCGA crops (docs/pretrained.md); origin_url
+        # says where the file is, it is never fetched
+        "longvit_small.tcga_dino": _cfg(
+            origin_url=PUBLISHED_URL,
+            paper_ids="arXiv:2312.03558",
+            paper_name="When an Image is Worth 1,024 x 1,024 Words: A Case Study in "
+            "Computational Pathology",
+            notes=(
+                f"file={PUBLISHED_FILE} via pretrained_cfg_overlay; settings: "
+                "norm_eps=1e-5, segment_lengths='longvit', pos_embed_antialias=False",
+            ),
+        ),
         "longvit_base": _cfg(),
         "longvit_large": _cfg(),
     }
@@ -374,7 +420,12 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def longvit_small(pretrained: bool = False, **kwargs) -> LongViT:
-    """LongViT's published size: dim 384, 12 layers, 16 heads, MLP 1536, patch 32."""
+    """LongViT's published size: dim 384, 12 layers, 16 heads, MLP 1536, patch 32.
+
+    ``longvit_small.tcga_dino``: torchscale's LongViT DINO weights (TCGA), loaded with
+    ``pretrained=True, pretrained_cfg_overlay=dict(file="longvit_small_patch32_1024.pth")``;
+    the tag also sets what they were trained with (``TORCHSCALE_LONGVIT_ARGS``).
+    """
     args = dict(patch_size=32, embed_dim=384, depth=12, num_heads=16, mlp_ratio=4.0)
     return _create_longvit("longvit_small", pretrained=pretrained, **dict(args, **kwargs))
 

@@ -9,10 +9,11 @@ the tile size in level-0 pixels to get grid units.
 The learned table of the pixel encoder covers the grid of its default image
 size (LongViT: 32 x 32 for 1024 px at 32 px patches). For another grid it is
 resampled exactly as ``timm.layers.resample_abs_pos_embed`` does (bicubic,
-antialiased). ``sample_pos_embed`` returns that resampled table at chosen grid
-positions without building the whole resampled grid: a 100k x 80k pixel slide
-at 32 px patches has a 3125 x 2500 grid, 7.8M rows of which only the tissue
-positions are needed.
+align_corners=False, antialiased; or, with antialias=False, plain bicubic as
+torchscale's LongViT fine-tuning resamples its table). ``sample_pos_embed`` returns
+that resampled table at chosen grid positions without building the whole resampled
+grid: a 100k x 80k pixel slide at 32 px patches has a 3125 x 2500 grid, 7.8M rows of
+which only the tissue positions are needed.
 """
 
 from __future__ import annotations
@@ -26,23 +27,31 @@ from longvit.interpolation import interpolation_matrix
 
 
 def resample_pos_embed(
-    pos_embed: torch.Tensor, old_size: tuple[int, int], new_size: tuple[int, int]
+    pos_embed: torch.Tensor,
+    old_size: tuple[int, int],
+    new_size: tuple[int, int],
+    antialias: bool = True,
 ) -> torch.Tensor:
-    """A learned (1, H0 * W0, C) grid table resampled to (1, H * W, C), timm's way."""
+    """A learned (1, H0 * W0, C) grid table resampled to (1, H * W, C), timm's way:
+    bicubic, align_corners=False, computed in float32; antialias as given."""
     return resample_abs_pos_embed(
-        pos_embed, new_size=list(new_size), old_size=list(old_size), num_prefix_tokens=0
+        pos_embed,
+        new_size=list(new_size),
+        old_size=list(old_size),
+        num_prefix_tokens=0,
+        antialias=antialias,
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _interp_taps(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _interp_taps(old: int, new: int, antialias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The 1-D resize old -> new of resample_abs_pos_embed as sparse taps.
 
     Returns (index (new, K) int64, weight (new, K) float32): output row i is
     sum_k weight[i, k] * input[index[i, k]]. Obtained by resizing the identity with
     the same F.interpolate call, so it is that call's operator, whatever kernel it uses.
     """
-    matrix = interpolation_matrix(old, new, "bicubic", torch.float32)  # (new, old)
+    matrix = interpolation_matrix(old, new, "bicubic", torch.float32, antialias)  # (new, old)
     nonzero = matrix != 0
     k = max(1, int(nonzero.sum(1).max()))
     # put each row's nonzero columns first; padding taps get weight 0
@@ -57,8 +66,10 @@ def sample_pos_embed(
     positions: torch.Tensor,
     out_dtype: torch.dtype | None = None,
     chunk_size: int = 2**20,
+    antialias: bool = True,
 ) -> torch.Tensor:
-    """Rows of ``resample_pos_embed(pos_embed, old_size, grid_size)`` at grid positions.
+    """Rows of ``resample_pos_embed(pos_embed, old_size, grid_size, antialias)`` at grid
+    positions.
 
     Args:
         pos_embed: (1, H0 * W0, C) learned table on an H0 x W0 grid.
@@ -77,8 +88,8 @@ def sample_pos_embed(
     h, w = int(grid_size[0]), int(grid_size[1])
     c = pos_embed.shape[-1]
     table = pos_embed.reshape(h0, w0, c).float()
-    ix, wx = (t.to(pos_embed.device) for t in _interp_taps(w0, w))
-    iy, wy = (t.to(pos_embed.device) for t in _interp_taps(h0, h))
+    ix, wx = (t.to(pos_embed.device) for t in _interp_taps(w0, w, antialias))
+    iy, wy = (t.to(pos_embed.device) for t in _interp_taps(h0, h, antialias))
     # along x: cols[a, x] = sum_k wx[x, k] * table[a, ix[x, k]]
     cols = (table[:, ix] * wx[None, :, :, None]).sum(2)  # (H0, W, C)
     cols = cols.reshape(h0 * w, c)
