@@ -213,11 +213,11 @@ def packed_kernel(
     return None
 
 
-# One H200, bf16, one layer (dim 768, 12 heads, LongViT's schedules) forward + backward:
-# packed / per-branch on cuDNN = 20.1 / 6.7 ms at 65,536 tokens, 97 / 38 ms at 262,144 and
-# 704 / 320 ms at 1,048,576, where no branch pads; with padding (65,001 tokens, 16 heads,
-# Prov-GigaPath's schedule) 35.7 / 35.4 ms, and 3.0 / 17.1 ms at 4,001 tokens.
-PER_BRANCH_ELEMENTS = 2**25
+# One H200, bf16, one layer of dim 768 forward + backward, packed / per-branch on cuDNN: where
+# no branch pads, 3.1 / 4.1 ms at 4,096 tokens, 4.1 / 3.5 at 8,192, 6.1 / 3.6 at 16,384 and
+# 22.9 / 9.0 at 65,536 (docs/benchmarks.md); where branches pad (Prov-GigaPath's schedule,
+# 16 heads) 5.0 / 18.7 ms at 4,001 tokens and 39.3 / 39.8 ms at 65,001.
+PER_BRANCH_ELEMENTS = 2**22
 
 
 def _unpadded(tokens: int, branches) -> bool:
