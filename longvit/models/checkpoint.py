@@ -102,9 +102,12 @@ def _resample_table(pos: torch.Tensor, target: torch.Tensor, model: nn.Module) -
     return resample_pos_embed(pos.to(target.dtype), old, new)
 
 
-def build_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
+def build_model(
+    model_cls, variant: str, pretrained: bool = False, pretrained_filter_fn=None, **kwargs
+):
     """timm's build_model_with_cfg for a longvit class: weights through
-    ``checkpoint_filter_fn``, feature maps by ``forward_intermediates`` (out_indices)."""
+    ``checkpoint_filter_fn`` (or the given filter), feature maps by
+    ``forward_intermediates`` (out_indices)."""
     from timm.models import build_model_with_cfg
 
     out_indices = kwargs.pop("out_indices", 3)
@@ -112,7 +115,7 @@ def build_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=pretrained_filter_fn or checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
