@@ -8,7 +8,8 @@ import torch
 import longvit  # noqa: F401  (registers the models)
 import longvit.attention.projected as projected
 
-TINY = dict(in_chans=48, embed_dim=32, depth=3, num_heads=4, num_classes=2)
+# the per-branch path (keep_attention is its feature), named explicitly
+TINY = dict(in_chans=48, embed_dim=32, depth=3, num_heads=4, num_classes=2, attn_backend="math")
 
 
 def _model(**kwargs):

@@ -6,9 +6,17 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from longvit.attention.dilated import check_key_padding_mask, make_plan
+from longvit.attention.dilated import (
+    check_key_padding_mask,
+    checked_branches,
+    make_plan,
+    packed_kernel,
+)
+from longvit.attention.packed import packed_attention
+from longvit.attention.packed_plan import PackedPlan, build_plan, plan_key
 from longvit.attention.projected import head_chunks, projected_dilated_attention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
 from longvit.autocast import autocast_dtype
@@ -30,11 +38,16 @@ class MultiheadDilatedAttention(nn.Module):
         causal: causal attention (decoders).
         backend: kernel choice passed to ``dilated_attention``.
         norm_layer: the norm used by sub_ln.
+        zero_padded_keys: Prov-GigaPath's padding semantics, for its weights
+            (``dilated_attention``); off: the exact masked semantics.
 
-    The q/k/v projection and the attention run together a few heads at a time
-    (``longvit.attention.projected``): q, k, v are never all materialised, and the
-    backward recomputes each chunk's from x, so one layer keeps x, the attention output
-    and its LSE, and its peak holds one chunk's q, k, v and their gradient.
+    Where the packed path runs (``dilated_attention``'s "auto": no sequence parallelism),
+    q, k, v come from one projection and go through one gather, one attention call and
+    one merge; a model builds their ``PackedPlan`` once per forward (``packed_plan``) and
+    hands it to every layer. Elsewhere the q/k/v projection and the attention run together
+    a few heads at a time (``longvit.attention.projected``): q, k, v are never all
+    materialised, and the backward recomputes each chunk's from x, so one layer keeps x, the
+    attention output and its LSE, and its peak holds one chunk's q, k, v and their gradient.
     """
 
     def __init__(
@@ -51,6 +64,7 @@ class MultiheadDilatedAttention(nn.Module):
         backend: str = "auto",
         scale: float | None = None,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        zero_padded_keys: bool = False,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -68,6 +82,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.dilation_rates = dilation_rates
         self.causal, self.backend, self.scale = causal, backend, scale
         self.attn_drop = float(attn_drop)
+        self.zero_padded_keys = bool(zero_padded_keys)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.inner_norm = norm_layer(dim) if sub_ln else nn.Identity()
         self.proj = nn.Linear(dim, dim)
@@ -90,21 +105,67 @@ class MultiheadDilatedAttention(nn.Module):
             return segment_schedule(num_tokens, self.dilation_rates)
         return list(self.segment_lengths)
 
+    def _kernel(self, x: torch.Tensor, key_padding_mask, group) -> str | None:
+        """The packed path's kernel for this input, or None (see ``packed_kernel``): kept
+        attention for a recompute (``keep_for_recompute``) is the per-branch path's."""
+        if self.keep_for_recompute and not self.zero_padded_keys:
+            return None
+        b, n, _ = x.shape
+        return packed_kernel(
+            self.backend, x.device, _compute_dtype(x), self.head_dim,
+            self.attn_drop if self.training else 0.0, self.causal, key_padding_mask, group,
+            self.zero_padded_keys, b * n * self.dim, n,
+            lambda: checked_branches(n, self.schedule(n), self.dilation_rates),
+        )  # fmt: skip
+
+    def packed_plan(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> PackedPlan | None:
+        """The plan a forward on x (B, N, C) takes on the packed path, or None when it takes
+        the per-branch path. Layers of one schedule share it: build it once per forward."""
+        if self._kernel(x, key_padding_mask, self.sp_group) is None:
+            return None
+        b, n, _ = x.shape
+        return build_plan(
+            b, n, self.num_heads, checked_branches(n, self.schedule(n), self.dilation_rates),
+            causal=self.causal, key_padding_mask=key_padding_mask,
+            zero_padded_keys=self.zero_padded_keys, device=x.device,
+        )  # fmt: skip
+
     def forward(
         self,
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         sp_group=None,
+        plan: PackedPlan | None = None,
     ) -> torch.Tensor:
         """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C).
 
         With sequence parallelism (sp_group here or as an attribute) x is this rank's
         shard of N_local tokens and the schedule is derived from N_local * world size.
+        plan: a ``packed_plan`` of this input (any other is ignored).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
         group = sp_group if sp_group is not None else self.sp_group
+        kernel = self._kernel(x, key_padding_mask, group)
+        if kernel is not None:
+            branches = checked_branches(n, self.schedule(n), self.dilation_rates)
+            key = plan_key(
+                b, n, self.num_heads, branches, self.causal, key_padding_mask,
+                self.zero_padded_keys,
+            )  # fmt: skip
+            if plan is None or plan.key != key:
+                check_key_padding_mask(key_padding_mask, (b, n), x.device)
+                plan = self.packed_plan(x, key_padding_mask)
+            qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+            qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim)
+            dropout = self.attn_drop if self.training else 0.0
+            scale = self.scale if self.scale is not None else self.head_dim**-0.5
+            out = packed_attention(qkv, None, None, plan, kernel, dropout, scale)
+            out = self.inner_norm(out.view(b, n, self.dim))
+            return self.proj_drop(self.proj(out))
         n_global = n if group is None else n * torch.distributed.get_world_size(group)
         check_key_padding_mask(key_padding_mask, (b, n), x.device)
         dtype = _compute_dtype(x)

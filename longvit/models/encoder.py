@@ -60,6 +60,9 @@ class DilatedEncoder(nn.Module):
         mlp_chunk_size: run each block's MLP over at most this many tokens at a time.
         attn_backend: kernel for the dilated attention ("auto" picks the fastest).
         feature_reduction: input units per token, reported in feature_info.
+        zero_padded_keys: Prov-GigaPath's padding semantics in every attention layer, for
+            its weights (``longvit.attention.dilated_attention``); off by default: the exact
+            masked semantics.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class DilatedEncoder(nn.Module):
         mlp_chunk_size: int | None = None,
         attn_backend: str = "auto",
         feature_reduction: int = 1,
+        zero_padded_keys: bool = False,
     ):
         super().__init__()
         _check_pool(global_pool, class_token)
@@ -139,6 +143,7 @@ class DilatedEncoder(nn.Module):
                     norm_layer=block_norm_layer,
                     mlp_chunk_size=mlp_chunk_size,
                     attn_backend=attn_backend,
+                    zero_padded_keys=zero_padded_keys,
                 )  # fmt: skip
                 for i in range(depth)
             ]
@@ -205,22 +210,23 @@ class DilatedEncoder(nn.Module):
             and torch.is_autocast_enabled(x.device.type)
         ):
             x = x.to(self.residual_dtype)
+        plan = _attention_plan(blocks, x, mask)
         for blk in blocks:
-            x = self._run_block(blk, x, mask)
+            x = self._run_block(blk, x, mask, plan)
         return x
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, plan=None):
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             with self._offload():
-                return blk(x, mask)
+                return blk(x, mask, plan)
         if not self.activation_offload:
-            return checkpoint(blk, x, mask, use_reentrant=False)
+            return checkpoint(blk, x, mask, plan, use_reentrant=False)
         # reentrant checkpoint saves its input with save_for_backward, which the
         # save_on_cpu hook moves to pinned host memory; it needs an input requiring grad
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with self._offload():
-            return checkpoint(blk, x, mask, use_reentrant=True)
+            return checkpoint(blk, x, mask, plan, use_reentrant=True)
 
     def _offload(self):
         if not self.activation_offload:
@@ -397,8 +403,9 @@ class DilatedEncoder(nn.Module):
         x = self.pos_drop(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         intermediates = []
+        plan = _attention_plan(blocks, x, mask)
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, mask)
+            x = self._run_block(blk, x, mask, plan)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 intermediates.append(to_output(y[:, self.num_prefix_tokens :]))
@@ -421,6 +428,16 @@ class DilatedEncoder(nn.Module):
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _attention_plan(blocks, x: torch.Tensor, mask: torch.Tensor | None):
+    """The packed attention plan of the first block, which every block of the same schedule
+    takes (one plan per forward instead of one per layer), or None."""
+    for blk in blocks:
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, MultiheadDilatedAttention):
+            return attn.packed_plan(x, mask)
+    return None
 
 
 def _sp_rank(group) -> int:

@@ -42,6 +42,8 @@ class Block(nn.Module):
             chunk recomputed in the backward (activation memory of the MLP drops
             from N x hidden to chunk x hidden); None runs it in one piece.
         attn_backend: kernel choice for ``dilated_attention``.
+        zero_padded_keys: Prov-GigaPath's padding semantics in the attention, for its
+            weights (``dilated_attention``).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Block(nn.Module):
         mlp_layer: Callable[..., nn.Module] = Mlp,
         mlp_chunk_size: int | None = None,
         attn_backend: str = "auto",
+        zero_padded_keys: bool = False,
     ):
         super().__init__()
         norm_layer = norm_layer or LinearInputNorm
@@ -71,6 +74,7 @@ class Block(nn.Module):
             dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
             qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, sub_ln=sub_ln,
             backend=attn_backend, norm_layer=norm_layer,
+            **({"zero_padded_keys": True} if zero_padded_keys else {}),
         )  # fmt: skip
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -84,10 +88,13 @@ class Block(nn.Module):
         self.mlp_chunk_size = mlp_chunk_size
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, plan=None
     ) -> torch.Tensor:
-        """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C)."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
+        """x: (B, N, C); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, C).
+
+        plan: the attention's ``packed_plan`` for this input, built once per forward."""
+        attn = self.attn(self.norm1(x), key_padding_mask, **({"plan": plan} if plan else {}))
+        x = x + self.drop_path1(self.ls1(attn))
         x = x + self.drop_path2(self.ls2(self._mlp(self.norm2(x))))
         return x
 

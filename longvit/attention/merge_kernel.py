@@ -1,0 +1,69 @@
+"""The merge of ``packed.merge_branches`` as one Triton kernel (CUDA).
+
+One program merges a tile of (token, head) rows: it reads each row's packed q row per
+branch (``plan.slots``), their LSEs, and the branches' output rows, and writes the merged
+row in the output dtype and its LSE, accumulating in float32. Same values as
+``packed.merge_reference`` (tests/test_attention_packed.py compares them on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longvit.attention.packed_plan import PackedPlan
+
+
+@triton.jit
+def _merge(
+    o_ptr, lse_ptr, slots_ptr, bias_ptr, null_ptr, out_ptr, total_ptr, rows,
+    D: tl.constexpr, NB: tl.constexpr, HAS_NULL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for i in tl.static_range(NB):
+        s = tl.load(slots_ptr + r * NB + i, mask=live, other=0)
+        b = tl.load(bias_ptr + r * NB + i, mask=live, other=float("-inf"))
+        m = tl.maximum(m, tl.load(lse_ptr + s, mask=live, other=0.0) + b)
+    if HAS_NULL:
+        null = tl.load(null_ptr + r, mask=live, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, null)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    for i in tl.static_range(NB):
+        s = tl.load(slots_ptr + r * NB + i, mask=live, other=0)
+        b = tl.load(bias_ptr + r * NB + i, mask=live, other=float("-inf"))
+        p = tl.exp(tl.load(lse_ptr + s, mask=live, other=0.0) + b - m)
+        den += p
+        on = (live & (b == 0.0))[:, None] & d_ok[None, :]
+        x = tl.load(o_ptr + s[:, None] * D + d[None, :], mask=on, other=0.0)
+        acc += p[:, None] * x.to(tl.float32)
+    if HAS_NULL:
+        den += tl.exp(null - m)
+    has = den > 0.0
+    acc = acc / tl.where(has, den, 1.0)[:, None]
+    out_mask = live[:, None] & d_ok[None, :]
+    tl.store(out_ptr + r[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(total_ptr + r, tl.where(has, m + tl.log(den), float("-inf")), mask=live)
+
+
+def merge_on_gpu(o: torch.Tensor, lse: torch.Tensor, plan: PackedPlan, dtype: torch.dtype):
+    """(out (B * N * H, D) in dtype, LSE (B * N * H,) float32) from packed o (Rq, D), lse."""
+    rows, nb = plan.slots.shape
+    d = o.shape[-1]
+    out = torch.empty(rows, d, dtype=dtype, device=o.device)
+    total = torch.empty(rows, dtype=torch.float32, device=o.device)
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(128, 4096 // block_d))
+    null = plan.null_lse if plan.null_lse is not None else total
+    _merge[(triton.cdiv(rows, block_r),)](
+        o, lse, plan.slots, plan.slot_bias, null, out, total, rows,
+        D=d, NB=nb, HAS_NULL=plan.null_lse is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out, total
