@@ -65,6 +65,7 @@ GIGAPATH_MODEL_ARGS = dict(
     pos_embed="gigapath",
     segment_lengths=list(GIGAPATH_SEGMENT_LENGTHS),
     dilation_rates=list(GIGAPATH_DILATION_RATES),
+    zero_padded_keys=True,
 )
 
 # their key -> ours; {i} is the layer index
