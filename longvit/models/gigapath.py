@@ -22,7 +22,8 @@ What their model is, and where each part sits here:
   ``mlp.fc1`` / ``mlp.norm`` / ``mlp.fc2``, ``final_layer_norm`` -> ``norm2``.
 - dilated attention: segment lengths [1024, 5792, 32768, 185363, 1048576] (log-spaced,
   each capped at the sequence length N + 1), rates [1, 2, 4, 8, 16], head groups offset as
-  torchscale; ``zero_padded_keys`` as their kernels compute it (see the model docstring).
+  torchscale; ``zero_padded_keys=True``: the zero keys that pad partial segments enter
+  the softmax, as in their code (docs/pretrained.md).
 - ``global_pool=True``: ``encoder.layer_norm`` (eps 1e-5) -> ``norm``, mean of the tile
   tokens (not the class token), then ``norm`` (eps 1e-6) -> ``fc_norm``.
 """

@@ -135,10 +135,11 @@ def gigapath_pos_embed(tile_grid: torch.Tensor, dim: int) -> torch.Tensor:
     Their slide encoder keeps a (1 + 1000 * 1000, dim) table, MAE's
     ``get_2d_sincos_pos_embed(dim, 1000, cls_token=True)`` computed in float64 by NumPy
     and stored in float32, and gives the tile at grid (x, y) = floor(coords / 256) the row
-    ``x * 1000 + y + 1``. That row's first half of the channels is the 1-D sin-cos of y
-    and its second half that of x (MAE's meshgrid puts the column index first): the
-    same as ``sincos_2d`` of (y, x) computed in float64. This computes those rows per
-    tile instead of holding the 3 GB table.
+    ``x * 1000 + y + 1``. MAE's meshgrid makes table row ``i * 1000 + j`` (+ 1) encode j
+    in the first half of the channels and i in the second, and their index makes i = x,
+    j = y: the first half is the 1-D sin-cos of y, the second that of x, i.e.
+    ``sincos_2d`` of (y, x) computed in float64. This computes those rows per tile
+    (equal to all 1,000,000 of the table's, bit for bit) instead of holding the 3 GB table.
 
     Args:
         tile_grid: (..., 2) integer (x, y) = (column, row) grid indices, each in
