@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": (
         "longvit.extract.command",
         "main",
-        "tile features from any timm model into HDF5 (features + coords) per slide",
+        "tile features (a published encoder or any timm model) into HDF5 per slide",
     ),
     "fit": ("longvit.training.cli", "fit", "train a slide model (LightningCLI; --config YAML)"),
     "validate": ("longvit.training.cli", "validate", "evaluate on the manifest's val split"),

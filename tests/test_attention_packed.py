@@ -162,3 +162,11 @@ def test_cuda_flash_and_merge_kernel_against_the_reference(case):
     g = torch.randn_like(ref)
     (got,), (want,) = torch.autograd.grad(out, x, g.bfloat16()), torch.autograd.grad(ref, xr, g)
     assert rel(got, want) < 2e-2
+
+
+def test_every_key_masked_gives_zeros_and_zero_gradients():
+    q = torch.randn(1, 30, 6, 4, requires_grad=True)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    out = dilated.dilated_attention(q, q, q, [7, 10], [3, 4], key_padding_mask=mask)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))

@@ -33,7 +33,10 @@ def _op(case, causal, masked, dtype, triton: bool):
         mask[-1] = True  # a batch row that is all padding
     strided_ops.set_triton(triton)
     try:
-        out = dilated_attention(q, k, v, ws, rs, causal=causal, key_padding_mask=mask)
+        # the per-branch path, whose data movement these kernels are (named: auto packs)
+        out = dilated_attention(
+            q, k, v, ws, rs, causal=causal, key_padding_mask=mask, backend="cpu_flash"
+        )
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     finally:
         strided_ops.set_triton(True)

@@ -89,6 +89,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--out", help="write the rows as JSON lines here too")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        nargs="*",
+        default=[],
+        help="tile counts whose inference forward is profiled (top kernels)",
+    )
     args = ap.parse_args(argv)
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -145,6 +152,31 @@ def main(argv=None) -> int:
             dense.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
+    for n in args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        xc = inputs(n, dev)
+        infer(lv, *xc)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            infer(lv, *xc)
+            sync(dev)
+        print(f"profile of one inference forward, {n} tiles")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    for n in args.host_profile:
+        import cProfile
+        import pstats
+
+        xc = inputs(n, dev)
+        infer(lv, *xc)
+        sync(dev)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            infer(lv, *xc)
+        sync(dev)
+        prof.disable()
+        print(f"host profile of 5 inference forwards, {n} tiles")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

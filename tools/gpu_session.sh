@@ -3,9 +3,11 @@
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
+#   bash tools/gpu_session.sh extract_gigapath           # about 8 minutes (carry .whl)
+#   ENCODERS="gigapath uni" SETTINGS="bf16-true+compile" bash tools/gpu_session.sh presets
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
 # fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
-# preprocess, op, extract, slide_task. Results go to $OUT
+# preprocess, op, extract, extract_gigapath, presets, slide_task. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -41,6 +43,7 @@ for stage in "${stages[@]}"; do
             tests/test_extract_preprocess.py tests/test_strided_ops.py \
             tests/test_attention_in_place.py \
             "tests/test_extract_features.py::test_features_on_gpu_equal_direct_model_call" \
+            tests/test_extract_precision.py \
             2>&1 | tail -15 ;;
     attention)
         python tools/bench_attention.py --iters 3 --out "$OUT/attention.json" ;;
@@ -63,6 +66,19 @@ for stage in "${stages[@]}"; do
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \
             --out "$OUT/extract.json" 2>&1 | grep -v "it/s" | tail -25 ;;
+    extract_gigapath)  # Prov-GigaPath's tile encoder end to end, and the model path's settings
+        wheels
+        python tools/bench_extract.py --encoder gigapath --precision bf16-true --compile \
+            --compare bf16 bf16+compile bf16-true --model-batches 30 --slides 16 \
+            --slide-size 24000 --repeats 2 --workers 15 --out "$OUT/extract_gigapath.json" 2>&1 \
+            | grep -v "it/s" | tail -25 ;;
+    presets)  # each preset's model alone: timm's bf16 autocast against ${SETTINGS}
+        wheels
+        for encoder in ${ENCODERS:-gigapath uni uni2-h virchow virchow2 h-optimus-0 phikon}; do
+            python tools/bench_extract.py --encoder "$encoder" --model-only --model-batches 20 \
+                --repeats 2 --compare ${SETTINGS:-bf16-true+compile} \
+                --out "$OUT/model_$encoder.json" 2>&1 | grep -v Warning | tail -5
+        done ;;
     slide_task)
         wheels
         python tools/bench_slide_task.py --out "$OUT/slide_task.json" 2>&1 \

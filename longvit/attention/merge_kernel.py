@@ -1,9 +1,13 @@
-"""The merge of ``packed.merge_branches`` as one Triton kernel (CUDA).
+"""The packed path's two row kernels on CUDA (Triton), one launch each per tensor.
 
-One program merges a tile of (token, head) rows: it reads each row's packed q row per
-branch (``plan.slots``), their LSEs, and the branches' output rows, and writes the merged
-row in the output dtype and its LSE, accumulating in float32. Same values as
-``packed.merge_reference`` (tests/test_attention_packed.py compares them on the GPU).
+- ``merge_on_gpu``, the merge of ``packed.merge_branches``: one program merges a tile of
+  (token, head) rows: it reads each row's packed q row per branch (``plan.slots``), their
+  LSEs and the branches' output rows, and writes the merged row in the output dtype and its
+  LSE, accumulating in float32. Same values as ``packed.merge_reference``.
+- ``add_branches_on_gpu``, the backward's way back: each (token, head) row of dq (dk, dv)
+  is the float32 sum of its packed gradient rows over the branches, written once into the
+  projection's gradient (no atomics; deterministic).
+tests/test_attention_packed.py checks both against the float64 reference on the GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def _merge(
     for i in tl.static_range(NB):
         s = tl.load(slots_ptr + r * NB + i, mask=live, other=0)
         b = tl.load(bias_ptr + r * NB + i, mask=live, other=float("-inf"))
-        m = tl.maximum(m, tl.load(lse_ptr + s, mask=live, other=0.0) + b)
+        on = live & (b == 0.0)
+        m = tl.maximum(m, tl.load(lse_ptr + s, mask=on, other=0.0) + b)
     if HAS_NULL:
         null = tl.load(null_ptr + r, mask=live, other=float("-inf")).to(tl.float32)
         m = tl.maximum(m, null)
@@ -39,7 +44,7 @@ def _merge(
     for i in tl.static_range(NB):
         s = tl.load(slots_ptr + r * NB + i, mask=live, other=0)
         b = tl.load(bias_ptr + r * NB + i, mask=live, other=float("-inf"))
-        p = tl.exp(tl.load(lse_ptr + s, mask=live, other=0.0) + b - m)
+        p = tl.exp(tl.load(lse_ptr + s, mask=live & (b == 0.0), other=0.0) + b - m)
         den += p
         on = (live & (b == 0.0))[:, None] & d_ok[None, :]
         x = tl.load(o_ptr + s[:, None] * D + d[None, :], mask=on, other=0.0)
@@ -67,3 +72,39 @@ def merge_on_gpu(o: torch.Tensor, lse: torch.Tensor, plan: PackedPlan, dtype: to
         D=d, NB=nb, HAS_NULL=plan.null_lse is not None, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
     return out, total
+
+
+@triton.jit
+def _add_branches(
+    src_ptr, slots_ptr, bias_ptr, out_ptr, rows, heads, out_stride, out_offset,
+    D: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i in tl.static_range(NB):
+        s = tl.load(slots_ptr + r * NB + i, mask=live, other=0)
+        b = tl.load(bias_ptr + r * NB + i, mask=live, other=float("-inf"))
+        on = (live & (b == 0.0))[:, None] & d_ok[None, :]
+        acc += tl.load(src_ptr + s[:, None] * D + d[None, :], mask=on, other=0.0).to(tl.float32)
+    # token-head row r = token * heads + head -> row token * out_stride + out_offset + head
+    dst = (r // heads) * out_stride + out_offset + r % heads
+    out_mask = live[:, None] & d_ok[None, :]
+    tl.store(
+        out_ptr + dst[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask
+    )
+
+
+def add_branches_on_gpu(grad, src, slots, bias, heads: int, stride: int, offset: int) -> None:
+    """grad viewed as (rows, D): row token * stride + offset + head gets the sum over branches
+    of src (R, D) at slots (B * N * H, nb) where bias is 0."""
+    rows, nb = slots.shape
+    d = src.shape[-1]
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(128, 4096 // block_d))
+    _add_branches[(triton.cdiv(rows, block_r),)](
+        src, slots, bias, grad, rows, heads, stride, offset,
+        D=d, NB=nb, BLOCK_R=block_r, BLOCK_D=block_d,
+    )  # fmt: skip

@@ -16,7 +16,7 @@ from longvit.attention.dilated import (
     packed_kernel,
 )
 from longvit.attention.packed import packed_attention
-from longvit.attention.packed_plan import PackedPlan, build_plan, plan_key
+from longvit.attention.packed_plan import PackedPlan, build_plan
 from longvit.attention.projected import head_chunks, projected_dilated_attention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES, check_schedule, segment_schedule
 from longvit.autocast import autocast_dtype
@@ -105,6 +105,15 @@ class MultiheadDilatedAttention(nn.Module):
             return segment_schedule(num_tokens, self.dilation_rates)
         return list(self.segment_lengths)
 
+    @property
+    def plan_config(self) -> tuple:
+        """What a packed plan of this layer derives from, besides the input's shape."""
+        segments = self.segment_lengths
+        return (
+            self.num_heads, segments if segments == "auto" else tuple(segments),
+            tuple(self.dilation_rates), self.causal, self.zero_padded_keys,
+        )  # fmt: skip
+
     def _kernel(self, x: torch.Tensor, key_padding_mask, group) -> str | None:
         """The packed path's kernel for this input, or None (see ``packed_kernel``): kept
         attention for a recompute (``keep_for_recompute``) is the per-branch path's."""
@@ -129,7 +138,7 @@ class MultiheadDilatedAttention(nn.Module):
         return build_plan(
             b, n, self.num_heads, checked_branches(n, self.schedule(n), self.dilation_rates),
             causal=self.causal, key_padding_mask=key_padding_mask,
-            zero_padded_keys=self.zero_padded_keys, device=x.device,
+            zero_padded_keys=self.zero_padded_keys, device=x.device, owner=self.plan_config,
         )  # fmt: skip
 
     def forward(
@@ -151,12 +160,7 @@ class MultiheadDilatedAttention(nn.Module):
         group = sp_group if sp_group is not None else self.sp_group
         kernel = self._kernel(x, key_padding_mask, group)
         if kernel is not None:
-            branches = checked_branches(n, self.schedule(n), self.dilation_rates)
-            key = plan_key(
-                b, n, self.num_heads, branches, self.causal, key_padding_mask,
-                self.zero_padded_keys,
-            )  # fmt: skip
-            if plan is None or plan.key != key:
+            if plan is None or not plan.fits(b, n, key_padding_mask, self.plan_config):
                 check_key_padding_mask(key_padding_mask, (b, n), x.device)
                 plan = self.packed_plan(x, key_padding_mask)
             qkv = F.linear(x, self.qkv.weight, self.qkv.bias)

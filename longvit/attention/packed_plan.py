@@ -52,17 +52,22 @@ class PackedPlan:
 
     q_rows: (Rq,) token-head row of each packed query row.
     k_rows: (Rk,) token-head row of each packed key (and value) row.
-    qkv_rows: (Rq + 2 Rk,) the rows of q, then k, then v in a packed (B, N, 3, H, D)
-        projection viewed as (B * N * 3 * H, D).
+    q_hm_rows, k_hm_rows: the same rows of head-major tensors (H, B, N, D): h * B * N + b * N + p.
+    qkv_rows: (Rq + 2 Rk,) the rows of q, then k, then v in a head-major projection
+        (3, H, B, N, D). Gathers read head-major copies: a packed sequence is then a run of
+        rows r apart (rate r), not rows 3 * H apart.
     cu_q, cu_k: (S + 1,) int32 cumulative sequence lengths (the kernels' cu_seqlens).
     slots: (B * N * H, nb) for each token-head row, its packed q row in each branch
         (0 where the branch does not cover it; ``slot_bias`` is then -inf, else 0).
+    key_slots, key_slot_bias: the same for packed k rows (``slots`` without a key mask).
     null_lse: (B * N * H,) float64 log of the zero keys a row attends, or None.
     """
 
     key: tuple  # (B, N, H, branches, causal, masked, zero_padded_keys)
     q_rows: torch.Tensor
     k_rows: torch.Tensor
+    q_hm_rows: torch.Tensor
+    k_hm_rows: torch.Tensor
     qkv_rows: torch.Tensor
     cu_q: torch.Tensor
     cu_k: torch.Tensor
@@ -71,7 +76,18 @@ class PackedPlan:
     buckets: tuple[Bucket, ...]
     slots: torch.Tensor
     slot_bias: torch.Tensor
+    key_slots: torch.Tensor
+    key_slot_bias: torch.Tensor
     null_lse: torch.Tensor | None
+    owner: tuple = ()  # the configuration of the layers built for (``fits``)
+
+    def fits(self, batch: int, tokens: int, key_padding_mask, owner: tuple) -> bool:
+        """Whether this plan is the one ``build_plan(..., owner=owner)`` gives these inputs."""
+        mask = None if key_padding_mask is None else id(key_padding_mask)
+        return (
+            self.key[0] == batch and self.key[1] == tokens and self.key[5] == mask
+            and self.owner == owner
+        )  # fmt: skip
 
     @property
     def batch(self) -> int:
@@ -106,11 +122,14 @@ def build_plan(
     key_padding_mask: torch.Tensor | None = None,
     zero_padded_keys: bool = False,
     device: torch.device | str = "cpu",
+    owner: tuple = (),
 ) -> PackedPlan:
     """The packed layout of (B, N, H) inputs for branches ((segment_length, rate), ...).
 
     key_padding_mask: (B, N) bool, True = padding (never a key; read once on the host).
     zero_padded_keys: count the zero keys of Prov-GigaPath's padding (``null_lse``).
+    owner: what the caller derives the branches from (a layer's configuration), so that a
+        layer can tell cheaply whether a plan was built for it (``fits``).
     """
     if causal and key_padding_mask is not None:
         raise ValueError("a packed plan takes causal or a key_padding_mask, not both")
@@ -132,44 +151,56 @@ def build_plan(
         k_rows = q_rows[keep[q_rows // h]]
     cu_q = torch.from_numpy(np.concatenate([[0], np.cumsum(len_q)]).astype(np.int32)).to(device)
     cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(len_k)]).astype(np.int32)).to(device)
-    nb = len(branches)
-    rows = b * n * h
-    branch_of_row = torch.repeat_interleave(as_tensor(seq["branch"]), lq, output_size=rq)
-    slots = torch.zeros(rows * nb, dtype=torch.int64, device=device)
-    where = q_rows * nb + branch_of_row
-    slots.index_copy_(0, where, torch.arange(rq, device=device))
-    slot_bias = torch.full((rows * nb,), float("-inf"), device=device)
-    slot_bias.index_fill_(0, where, 0.0)
+    nb, rows = len(branches), b * n * h
+    branch = as_tensor(seq["branch"])
+    slots, slot_bias = _slots(q_rows, torch.repeat_interleave(branch, lq, output_size=rq), rows, nb)
+    key_slots, key_slot_bias = slots, slot_bias
+    if valid is not None:
+        lk, rk = as_tensor(len_k), k_rows.numel()
+        key_branch = torch.repeat_interleave(branch, lk, output_size=rk)
+        key_slots, key_slot_bias = _slots(k_rows, key_branch, rows, nb)
     null_lse = None
     if zero_padded_keys:
         nulls = torch.repeat_interleave(as_tensor(seq["nulls"]).double(), lq, output_size=rq)
         null_lse = torch.zeros(rows, dtype=torch.float64, device=device)
         null_lse = null_lse.index_add_(0, q_rows, nulls).log_()
+    q_hm = _head_major(q_rows, h, b * n)
+    k_hm = q_hm if k_rows is q_rows else _head_major(k_rows, h, b * n)
     return PackedPlan(
         key=plan_key(b, n, h, branches, causal, key_padding_mask, zero_padded_keys),
         q_rows=q_rows,
         k_rows=k_rows,
-        qkv_rows=torch.cat(
-            [
-                _in_projection(q_rows, h, 0),
-                _in_projection(k_rows, h, 1),
-                _in_projection(k_rows, h, 2),
-            ]
-        ),  # fmt: skip
+        q_hm_rows=q_hm,
+        k_hm_rows=k_hm,
+        qkv_rows=torch.cat([q_hm, k_hm + rows, k_hm + 2 * rows]),
         cu_q=cu_q,
         cu_k=cu_k,
-        max_q=int(len_q.max()),
-        max_k=int(len_k.max()),
+        max_q=int(len_q.max(initial=0)),
+        max_k=int(len_k.max(initial=0)),
         buckets=_buckets(seq),
-        slots=slots.view(rows, nb),
-        slot_bias=slot_bias.view(rows, nb),
+        slots=slots,
+        slot_bias=slot_bias,
+        key_slots=key_slots,
+        key_slot_bias=key_slot_bias,
         null_lse=null_lse,
+        owner=owner,
     )
 
 
-def _in_projection(rows: torch.Tensor, heads: int, which: int) -> torch.Tensor:
-    """Token-head rows -> rows of q (which=0), k (1) or v (2) in a packed (B, N, 3, H, D)."""
-    return rows + (rows // heads) * (2 * heads) + which * heads
+def _slots(packed_rows: torch.Tensor, branch_of_row: torch.Tensor, rows: int, nb: int):
+    """(slots, bias) (rows, nb): the packed row holding each token-head row in each branch."""
+    device = packed_rows.device
+    where = packed_rows * nb + branch_of_row
+    slots = torch.zeros(rows * nb, dtype=torch.int64, device=device)
+    slots.index_copy_(0, where, torch.arange(packed_rows.numel(), device=device))
+    bias = torch.full((rows * nb,), float("-inf"), device=device)
+    bias.index_fill_(0, where, 0.0)
+    return slots.view(rows, nb), bias.view(rows, nb)
+
+
+def _head_major(rows: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
+    """Token-head rows (b * N + p) * H + h -> head-major rows h * (B * N) + b * N + p."""
+    return (rows % heads) * tokens + rows // heads
 
 
 def _progressions(base, step, lengths, total: int) -> torch.Tensor:

@@ -55,6 +55,9 @@ def varlen_forward(q, k, v, plan: PackedPlan, kernel: str, dropout_p: float, sca
     """(out (Rq, D), lse (Rq,) float32 (float64 for float64 inputs), VarlenState)."""
     state = VarlenState(kernel, dropout_p, scale)
     causal = plan.causal
+    if q.shape[0] == 0:  # no query has a key (every key masked)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.empty_like(q), q.new_empty(0, dtype=acc), state
     if kernel == "flash":
         out, lse, rng, unused, _ = aten._flash_attention_forward(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), plan.cu_q, plan.cu_k,
@@ -69,6 +72,8 @@ def varlen_forward(q, k, v, plan: PackedPlan, kernel: str, dropout_p: float, sca
 def varlen_backward(dout, q, k, v, out, lse, plan: PackedPlan, state: VarlenState):
     """(dq, dk, dv) packed like q, k, v, against the given out and lse (Rq, D), (Rq,)."""
     causal, scale = plan.causal, state.scale
+    if q.shape[0] == 0:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if state.kernel == "flash":
         dq, dk, dv = aten._flash_attention_backward(
             dout.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),

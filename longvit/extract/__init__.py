@@ -1,6 +1,8 @@
 """Tile-level feature extraction with any timm model (``longvit extract``).
 
 ``build_tile_encoder`` makes the model and its preprocessing (weights from a local file only);
+``build_preset_encoder`` does it for a published encoder by name (``presets``: Prov-GigaPath,
+UNI, UNI2-h, Virchow, Virchow2, H-optimus, Phikon: architecture, preprocessing, pooling, file);
 ``extract_features`` reads the tile files ``longvit tile`` wrote, runs the encoder over every
 tile (DataLoader workers with their own slide handles, bf16 autocast and channels_last on GPU,
 several GPUs through Lightning) and writes one TRIDENT/CLAM-layout HDF5 file per slide;
@@ -23,6 +25,14 @@ from longvit.extract.model import (
     TilePreprocess,
     build_tile_encoder,
 )
+from longvit.extract.pooling import TokenPooling
+from longvit.extract.preset_encoder import WeightsFileError, build_preset_encoder
+from longvit.extract.presets import (
+    TILE_ENCODER_PRESETS,
+    TileEncoderPreset,
+    format_presets,
+    get_preset,
+)
 from longvit.extract.writer import SlideFeatures, read_features_h5, write_features_h5
 
 __all__ = [
@@ -32,13 +42,20 @@ __all__ = [
     "SlideAssembler",
     "SlideFeatures",
     "SlideJob",
+    "TILE_ENCODER_PRESETS",
     "TileEncoder",
     "TileEncoderError",
+    "TileEncoderPreset",
     "TilePreprocess",
+    "TokenPooling",
+    "WeightsFileError",
+    "build_preset_encoder",
     "build_tile_encoder",
     "collate_slide_tiles",
     "extract_features",
     "find_tile_files",
+    "format_presets",
+    "get_preset",
     "plan_extraction",
     "read_features_h5",
     "write_features_h5",

@@ -1,7 +1,13 @@
-"""``longvit extract``: tile features from any timm model into one HDF5 file per slide.
+"""``longvit extract``: tile features from a published encoder or any timm model, per slide.
 
-    longvit extract --model NAME [--weights FILE] --tiles DIR --out DIR [--batch-size N] \\
-        [--workers N] [--precision bf16] [--devices N]
+    longvit extract --encoder NAME --weights FILE --tiles DIR --out DIR   # a published encoder
+    longvit extract --model NAME [--weights FILE] --tiles DIR --out DIR   # any timm model
+        [--batch-size N] [--workers N] [--precision bf16] [--devices N] [--compile]
+    longvit extract --encoder list                                        # the presets
+
+``--encoder`` takes a preset (``longvit.extract.presets``: Prov-GigaPath, UNI, UNI2-h, Virchow,
+Virchow2, H-optimus, Phikon): the architecture, preprocessing and pooling come with it, and a
+missing or wrong --weights file names the one to download and where.
 
 Reads the tile files ``longvit tile`` wrote (``DIR/patches/*.h5``; TRIDENT's and CLAM's too,
 with --slide-dir) and writes ``OUT/<name>.h5`` with ``features`` (N x D) and ``coords`` in the
@@ -23,15 +29,24 @@ from longvit.slides.tile_command import format_report
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longvit extract", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
-    p.add_argument("--weights", type=Path, default=None, help="local .safetensors/.pth checkpoint")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--encoder",
+        nargs="?",
+        const="list",
+        metavar="NAME",
+        help="a published tile encoder (gigapath, uni, uni2-h, virchow, virchow2, h-optimus-0, "
+        "...); without a NAME, or 'list': show them with their width, tile size, mpp and file",
+    )
+    which.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224")
+    p.add_argument(
+        "--weights", type=Path, default=None, help="local .safetensors/.pth/.bin checkpoint"
+    )
     p.add_argument(
         "--random-init", action="store_true", help="no weights: random model (benchmarks only)"
     )
-    p.add_argument(
-        "--tiles", required=True, nargs="+", help="longvit tile output folders or tile .h5 files"
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder for <name>.h5")
+    p.add_argument("--tiles", nargs="+", help="longvit tile output folders or tile .h5 files")
+    p.add_argument("--out", type=Path, help="output folder for <name>.h5")
     p.add_argument("--batch-size", type=int, default=256, help="tiles per forward pass")
     p.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers per device (default: CPUs)"
@@ -40,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)",
+        help="bf16/fp16: autocast; bf16-true: bf16 weights, no autocast "
+        "(default: bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (block by block for ViTs; the first batch compiles)",
     )
     p.add_argument("--devices", type=int, default=1, help="GPUs (one process each, DDP)")
     p.add_argument("--accelerator", default="auto", help="auto, gpu or cpu")
@@ -54,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "--model-kwargs",
         type=json.loads,
         default=None,
-        help="JSON for timm.create_model, e.g. '{\"img_size\": 256}'",
+        help="JSON for timm.create_model, e.g. '{\"img_size\": 256}' (with --encoder: "
+        "overrides of the preset's arguments)",
     )
     p.add_argument(
         "--slide-dir",
@@ -78,6 +100,13 @@ def _default_precision(accelerator: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.encoder is not None and args.encoder.lower() == "list":
+        from longvit.extract.presets import format_presets
+
+        print(format_presets())
+        return 0
+    if not args.tiles or args.out is None:
+        parser.error("--tiles and --out are required")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.workers is not None and args.workers < 0:
@@ -88,18 +117,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--crop-pct is a fraction in (0, 1]")
     from longvit.extract.job import extract_features, find_tile_files
 
+    if args.encoder is not None:  # a wrong name or a forgotten --weights: say so before any work
+        from longvit.extract.preset_encoder import missing_weights_message
+        from longvit.extract.presets import get_preset
+
+        try:
+            preset = get_preset(args.encoder)
+        except TileEncoderError as err:
+            print(f"longvit extract: {err}", file=sys.stderr)
+            return 2
+        if args.weights is None and not args.random_init:
+            print(f"longvit extract: {missing_weights_message(preset)}", file=sys.stderr)
+            return 2
     if not find_tile_files(args.tiles):
         print("longvit extract: no tile files (.h5) in " + " ".join(args.tiles), file=sys.stderr)
         return 1
+    settings = dict(
+        random_init=args.random_init,
+        precision=args.precision or _default_precision(args.accelerator),
+        crop_pct=args.crop_pct,
+        model_kwargs=args.model_kwargs,
+        compile="inductor" if args.compile else None,
+    )
     try:
-        encoder = build_tile_encoder(
-            args.model,
-            args.weights,
-            random_init=args.random_init,
-            precision=args.precision or _default_precision(args.accelerator),
-            crop_pct=args.crop_pct,
-            model_kwargs=args.model_kwargs,
-        )
+        if args.encoder is not None:
+            from longvit.extract.preset_encoder import build_preset_encoder
+
+            encoder = build_preset_encoder(args.encoder, args.weights, **settings)
+        else:
+            encoder = build_tile_encoder(args.model, args.weights, **settings)
     except TileEncoderError as err:
         print(f"longvit extract: {err}", file=sys.stderr)
         return 2

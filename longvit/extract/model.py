@@ -17,6 +17,7 @@ bytes and the CPU workers only decode.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import json
@@ -32,8 +33,9 @@ from torch import nn
 
 from longvit.extract.fused_preprocess import fused_resize_normalize
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32", "bf16-true")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TRUE_DTYPES = {"bf16-true": torch.bfloat16}  # weights and activations in this dtype
 _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
 
 
@@ -138,7 +140,14 @@ class TilePreprocess(nn.Module):
 class TileEncoder(nn.Module):
     """Preprocessing + a timm model: (B, H, W, 3) uint8 tiles -> (B, D) float32 features.
 
-    precision: "bf16" / "fp16" run the model under autocast on the tiles' device, "fp32" as is.
+    precision: "bf16" / "fp16" run the model under autocast on the tiles' device; "bf16-true"
+    casts the weights to bfloat16 once and runs without autocast (no per-op casts, a bf16
+    residual stream: features differ from "bf16"'s by bf16 round-off); "fp32" as is.
+    compile: a ``torch.compile`` backend ("inductor"; None: eager). A ViT is compiled block by
+    block (one compilation serves every block); batches smaller than the largest seen are
+    padded to it, so a short last batch never recompiles.
+    encoder_name, pooling: a preset's name and pooling ("cls", "cls+mean"), when built from one
+    (``build_preset_encoder``); they become part of the feature files' identity.
     """
 
     def __init__(
@@ -151,11 +160,16 @@ class TileEncoder(nn.Module):
         weights_sha256: str = "",
         model_kwargs: dict | None = None,
         precision: str = "fp32",
+        compile: str | None = None,
+        encoder_name: str = "",
+        pooling: str = "",
     ):
         super().__init__()
         if precision not in PRECISIONS:
             raise TileEncoderError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
+        if precision in _TRUE_DTYPES:
+            self.model.to(_TRUE_DTYPES[precision])
         self.preprocess = TilePreprocess(preprocessing)
         self.preprocessing = preprocessing
         self.model_name = model_name
@@ -163,12 +177,30 @@ class TileEncoder(nn.Module):
         self.weights_sha256 = weights_sha256
         self.model_kwargs = dict(model_kwargs or {})
         self.precision = precision
+        self.compile_backend = compile
+        self.encoder_name = encoder_name
+        self.pooling = pooling
         self.feature_dim = int(
             getattr(model, "head_hidden_size", None) or getattr(model, "num_features", 0)
         )
+        self._padded_batch = 0  # with compile: the batch every call is padded to
+        if compile:
+            compile_regions(self.model, compile)
 
     def forward(self, tiles_BHWC: torch.Tensor) -> torch.Tensor:
-        x_BCHW = self.preprocess(tiles_BHWC)
+        return self.encode(self.preprocess(tiles_BHWC))
+
+    def encode(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """The model alone on a preprocessed batch: (B, 3, h, w) float -> (B, D) float32, in
+        this encoder's precision (what ``forward`` runs after ``preprocess``)."""
+        batch = x_BCHW.shape[0]
+        if self.compile_backend and 0 < batch < self._padded_batch:
+            pad = x_BCHW.new_zeros((self._padded_batch - batch, *x_BCHW.shape[1:]))
+            x_BCHW = torch.cat([x_BCHW, pad]).contiguous(memory_format=torch.channels_last)
+        self._padded_batch = max(self._padded_batch, x_BCHW.shape[0])
+        true_dtype = _TRUE_DTYPES.get(self.precision)
+        if true_dtype is not None:
+            x_BCHW = x_BCHW.to(true_dtype)
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         autocast = (
             torch.autocast(x_BCHW.device.type, dtype=dtype)
@@ -183,27 +215,78 @@ class TileEncoder(nn.Module):
                 "a tile encoder must return (B, D): use a timm model whose num_classes=0 output is "
                 "pooled (set global_pool in --model-kwargs for models without pooling)"
             )
-        return features_BD.float()
+        return features_BD[:batch].float()
+
+    def replace(self, *, precision: str | None = None, compile: str | None = None) -> TileEncoder:
+        """A copy of this encoder (its model deep-copied) with another precision or compile
+        backend ("" for none): benchmarks compare settings on the same weights (bf16-rounded
+        ones when this encoder is "bf16-true")."""
+        compiled = {m: m._compiled_call_impl for m in self.model.modules()
+                    if getattr(m, "_compiled_call_impl", None) is not None}  # fmt: skip
+        try:  # copy the eager modules; the copy compiles on its own
+            for module in compiled:
+                module._compiled_call_impl = None
+            model = copy.deepcopy(self.model)
+        finally:
+            for module, impl in compiled.items():
+                module._compiled_call_impl = impl
+        if self.precision in _TRUE_DTYPES:
+            model.float()
+        return TileEncoder(
+            model,
+            self.preprocessing,
+            model_name=self.model_name,
+            weights=self.weights,
+            weights_sha256=self.weights_sha256,
+            model_kwargs=self.model_kwargs,
+            precision=precision or self.precision,
+            compile=self.compile_backend if compile is None else (compile or None),
+            encoder_name=self.encoder_name,
+            pooling=self.pooling,
+        )
 
     def identity(self) -> dict:
         """What a complete feature file must match to be skipped on a rerun."""
-        return {
+        identity = {
             "model": self.model_name,
             "model_kwargs": json.dumps(self.model_kwargs, sort_keys=True),
             "weights_sha256": self.weights_sha256,
             "precision": self.precision,
             "preprocessing": json.dumps(self.preprocessing.attributes(), sort_keys=True),
         }
+        if self.encoder_name:
+            identity.update(encoder_preset=self.encoder_name, pooling=self.pooling)
+        return identity
 
     def attributes(self) -> dict:
         """HDF5 attributes naming the model, its weights and its preprocessing."""
         return {
             **self.identity(),
-            "encoder": self.model_name,
+            "encoder": self.encoder_name or self.model_name,
             "weights": self.weights,
             "feature_dim": self.feature_dim,
             **{f"preprocessing_{k}": v for k, v in self.preprocessing.attributes().items()},
         }
+
+
+def compile_regions(model: nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` in place: each of a ViT's ``blocks`` (found on the model or on its
+    ``vit`` attribute) when they are all alike, else the whole model. Identical blocks share
+    one compilation (torch >= 2.5 treats module parameters as inputs), so a 40-block ViT-g
+    compiles about as fast as one block; the parts between blocks stay eager. Blocks that
+    differ (a CNN's stages) would each compile anew, past dynamo's recompile limit."""
+    blocks = getattr(getattr(model, "vit", model), "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and _all_alike(blocks):
+        for block in blocks:
+            block.compile(backend=backend, dynamic=False)
+    else:
+        model.compile(backend=backend, dynamic=False)
+
+
+def _all_alike(blocks: nn.Module) -> bool:
+    """Whether every block has the same class and parameter shapes (one compiled graph)."""
+    kinds = {(type(b), tuple((n, p.shape) for n, p in b.named_parameters())) for b in blocks}
+    return len(kinds) == 1
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
@@ -249,6 +332,7 @@ def build_tile_encoder(
     precision: str = "fp32",
     crop_pct: float | None = None,
     model_kwargs: dict | None = None,
+    compile: str | None = None,
 ) -> TileEncoder:
     """A ``TileEncoder`` for any timm model name (longvit's registered models included).
 
@@ -258,9 +342,10 @@ def build_tile_encoder(
             "state_dict" / "model"; EMA weights are preferred when present).
         random_init: use the model's random initialisation (benchmarks, tests); required when
             no weights are given, so a forgotten --weights never yields silent noise features.
-        precision: "bf16", "fp16" (autocast) or "fp32".
+        precision: "bf16", "fp16" (autocast), "bf16-true" (bf16 weights) or "fp32".
         crop_pct: override the pretrained_cfg's crop_pct (1.0 keeps the whole tile).
         model_kwargs: passed to ``timm.create_model`` (e.g. img_size, global_pool).
+        compile: a ``torch.compile`` backend, e.g. "inductor" (see ``TileEncoder``).
     """
     import timm  # imported here: the slides layer and the CLI's help stay light
     from timm.data import resolve_data_config
@@ -336,4 +421,5 @@ def build_tile_encoder(
         weights_sha256=digest,
         model_kwargs=kwargs,
         precision=precision,
+        compile=compile,
     )
