@@ -39,7 +39,7 @@ def test_bad_input_raises_with_shapes():
     m = tiny()
     feats = torch.randn(2, 30, 48)
     with pytest.raises(
-        ValueError, match=r"coords must have shape \(B, N, 2\) = \(2, 30, 2\).*got \(2, 29, 2\)"
+        ValueError, match=r"tile_grid must have shape \(B, N, 2\) = \(2, 30, 2\).*got \(2, 29, 2\)"
     ):
         m(feats, torch.zeros(2, 29, 2))
     with pytest.raises(ValueError, match=r"got None"):
@@ -89,7 +89,7 @@ def test_grid_form_equals_sequence_with_grid_coords():
     torch.testing.assert_close(m(grid), m(seq, coords))
     _, inter = m.forward_intermediates(grid, indices=[0])
     assert inter[0].shape == (2, 64, 4, 5)
-    _, inter = m.forward_intermediates(seq, coords=coords, indices=[0], output_fmt="NLC")
+    _, inter = m.forward_intermediates(seq, tile_grid=coords, indices=[0], output_fmt="NLC")
     assert inter[0].shape == (2, 20, 64)
 
 
@@ -97,8 +97,8 @@ def test_coordinates_change_the_output():
     m = tiny(num_classes=2)
     feats, coords = torch.randn(1, 20, 48), torch.randint(0, 30, (1, 20, 2))
     assert not torch.allclose(m(feats, coords), m(feats, coords + 5))
-    # large slides: coordinates far beyond any fixed grid buffer are fine
-    assert torch.isfinite(m(feats, coords * 10_000)).all()
+    # large slides: positions far beyond any fixed grid buffer (Prov-GigaPath's 1000) are fine
+    assert torch.isfinite(m(feats, coords + 5_000)).all()
 
 
 def test_gradient_checkpointing_gives_identical_gradients():

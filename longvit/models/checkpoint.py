@@ -104,10 +104,12 @@ def _resample_table(pos: torch.Tensor, target: torch.Tensor, model: nn.Module) -
     return resample_pos_embed(pos.to(target.dtype), old, new, antialias)
 
 
-def build_model(model_cls, variant: str, pretrained: bool = False, filter_fn=None, **kwargs):
-    """timm's build_model_with_cfg for a longvit class: weights through `filter_fn`
-    (default ``checkpoint_filter_fn``), feature maps by ``forward_intermediates``
-    (out_indices)."""
+def build_model(
+    model_cls, variant: str, pretrained: bool = False, pretrained_filter_fn=None, **kwargs
+):
+    """timm's build_model_with_cfg for a longvit class: weights through
+    ``checkpoint_filter_fn`` (or the given filter), feature maps by
+    ``forward_intermediates`` (out_indices)."""
     from timm.models import build_model_with_cfg
 
     out_indices = kwargs.pop("out_indices", 3)
@@ -115,7 +117,7 @@ def build_model(model_cls, variant: str, pretrained: bool = False, filter_fn=Non
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=filter_fn or checkpoint_filter_fn,
+        pretrained_filter_fn=pretrained_filter_fn or checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -44,6 +44,10 @@ class DilatedEncoder(nn.Module):
             the prefix sees more of the sequence. Not with sequence parallelism.
         fc_norm: norm after pooling instead of before it; None: when pooling is
             "avg"/"max" (LongViT: mean pool, then norm, then head).
+        norm_before_pool: keep the final norm over all tokens when fc_norm also
+            normalises after pooling (Prov-GigaPath: ``encoder.layer_norm``, mean of the
+            tile tokens, then ``norm``).
+        fc_norm_eps: epsilon of fc_norm (None: norm_eps).
         sub_ln: LongNet sub-LayerNorm in each block.
         segment_lengths: one length per dilation rate, or derived from each input's
             token count: "auto" (a geometric schedule) or "longvit" (LongViT's published
@@ -76,11 +80,13 @@ class DilatedEncoder(nn.Module):
         class_token: bool = False,
         reg_tokens: int = 0,
         fc_norm: bool | None = None,
+        norm_before_pool: bool = False,
+        norm_eps: float = 1e-6,
+        fc_norm_eps: float | None = None,
         sub_ln: bool = True,
         segment_lengths: Sequence[int] | str = "auto",
         dilation_rates: Sequence[int] = DEFAULT_DILATION_RATES,
         init_values: float | None = None,
-        norm_eps: float = 1e-6,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -100,6 +106,9 @@ class DilatedEncoder(nn.Module):
         # inside the blocks every norm feeds a Linear: LinearInputNorm keeps no float32
         # copy under autocast (same values); the final norms feed pooling and stay float32
         block_norm_layer = norm_layer or partial(LinearInputNorm, eps=norm_eps)
+        fc_norm_layer = norm_layer or partial(
+            nn.LayerNorm, eps=norm_eps if fc_norm_eps is None else fc_norm_eps
+        )
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
         act_layer = act_layer or nn.GELU
         use_fc_norm = global_pool in ("avg", "max") if fc_norm is None else fc_norm
@@ -146,8 +155,9 @@ class DilatedEncoder(nn.Module):
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=feature_reduction)
             for i in range(depth)
         ]
-        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
-        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        keep_norm = norm_before_pool or not use_fc_norm
+        self.norm = norm_layer(embed_dim) if keep_norm else nn.Identity()
+        self.fc_norm = fc_norm_layer(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -374,7 +374,9 @@ def _create_longvit(variant: str, pretrained: bool = False, **kwargs) -> LongViT
             )
         check_checkpoint_file(cfg.file)
     kwargs = {**TORCHSCALE_LONGVIT_ARGS, **kwargs}
-    return build_model(LongViT, variant, pretrained, filter_fn=torchscale_filter_fn, **kwargs)
+    return build_model(
+        LongViT, variant, pretrained, pretrained_filter_fn=torchscale_filter_fn, **kwargs
+    )
 
 
 def _cfg(**kwargs) -> dict:

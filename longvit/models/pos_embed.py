@@ -106,13 +106,20 @@ def sample_pos_embed(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def sincos_2d(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d(
+    coords: torch.Tensor,
+    dim: int,
+    temperature: float = 10000.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding of (x, y) coordinates, computed on the fly.
 
     Args:
         coords: (..., 2) grid positions (x, y), any real values.
         dim: output channels, a multiple of 4 (a quarter each: sin x, cos x, sin y, cos y).
         temperature: the base of the geometric frequency ladder (MAE, Prov-GigaPath).
+        compute_dtype: dtype of the products and sines (float64: the values of a table
+            computed in float64 and stored in float32, as MAE's NumPy code makes it).
 
     Returns:
         (..., dim) float32, laid out as MAE's get_2d_sincos_pos_embed (first half x,
@@ -122,11 +129,38 @@ def sincos_2d(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> t
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     quarter = dim // 4
     omega = torch.arange(quarter, dtype=torch.float64, device=coords.device) / quarter
-    omega = (1.0 / temperature**omega).to(torch.float32)  # (dim / 4,)
-    c = coords.to(torch.float32)
+    omega = (1.0 / temperature**omega).to(compute_dtype)  # (dim / 4,)
+    c = coords.to(compute_dtype)
     out_x = c[..., 0:1] * omega  # (..., dim / 4)
     out_y = c[..., 1:2] * omega
-    return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=-1)
+    out = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=-1)
+    return out.to(torch.float32)
+
+
+GIGAPATH_GRID_SIZE = 1000  # Prov-GigaPath's table covers 1000 x 1000 tiles
+
+
+def gigapath_pos_embed(tile_grid: torch.Tensor, dim: int) -> torch.Tensor:
+    """Prov-GigaPath's fixed position embedding of tiles at integer grid indices.
+
+    Their slide encoder keeps a (1 + 1000 * 1000, dim) table, MAE's
+    ``get_2d_sincos_pos_embed(dim, 1000, cls_token=True)`` computed in float64 by NumPy
+    and stored in float32, and gives the tile at grid (x, y) = floor(coords / 256) the row
+    ``x * 1000 + y + 1``. MAE's meshgrid makes table row ``i * 1000 + j`` (+ 1) encode j
+    in the first half of the channels and i in the second, and their index makes i = x,
+    j = y: the first half is the 1-D sin-cos of y, the second that of x, i.e.
+    ``sincos_2d`` of (y, x) computed in float64. This computes those rows per tile
+    (equal to all 1,000,000 of the table's, bit for bit) instead of holding the 3 GB table.
+
+    Args:
+        tile_grid: (..., 2) integer (x, y) = (column, row) grid indices, each in
+            [0, 1000) (``longvit.models.tile_positions`` checks that).
+        dim: channels, a multiple of 4.
+
+    Returns:
+        (..., dim) float32, equal to their table's rows.
+    """
+    return sincos_2d(tile_grid.flip(-1), dim, compute_dtype=torch.float64)
 
 
 def grid_positions(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
