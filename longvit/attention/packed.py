@@ -125,8 +125,8 @@ def _add_back_on_gpu(q, k, v, dq, dk, dv, plan: PackedPlan, packed: bool):
     h = plan.heads
     pieces = ((dq, plan.slots, plan.slot_bias), (dk, plan.key_slots, plan.key_slot_bias),
               (dv, plan.key_slots, plan.key_slot_bias))  # fmt: skip
-    if packed:
-        grad = torch.empty_like(q)
+    if packed:  # every row of the (contiguous) gradient is written
+        grad = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for which, (g, slots, bias) in enumerate(pieces):
             add_branches_on_gpu(grad, g, slots, bias, h, 3 * h, which * h)
         return grad, None, None
