@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Dilated attention benchmark: one layer, the op alone, and "kernel only".
 
-GPU (bf16, batch 1, forward+backward), the configurations of ANCHORS.md:
+GPU (bf16, batch 1, forward+backward), the reference configurations (torchscale's):
   (a) one MultiheadDilatedAttention layer (projections included): time, peak memory;
   (b) the dilated_attention op alone against "kernel only": the same fused kernel
       once per branch on pre-gathered contiguous tensors of the same shapes.
@@ -50,7 +50,7 @@ CONFIGS = {
         [2**i for i in range(10)],
     ),
 }
-# ANCHORS.md, one H200: torchscale's layer fwd+bwd (s), its peak (GiB), kernel only (cuDNN, s)
+# torchscale on one H200: its layer fwd+bwd (s), its peak (GiB), kernel only (cuDNN, s)
 ANCHORS = {
     "longvit32768_d768": (0.715, 38.5, 0.313),
     "longvit32768_d384": (0.585, 16.9, 0.397),

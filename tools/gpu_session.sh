@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU-machine runs in stages, so one session's 30 minutes of device time go into a few calls.
+# GPU-machine runs in stages, so a whole benchmark set goes into a few calls.
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
 #   bash tools/gpu_session.sh tests attention model      # about 8 minutes
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)

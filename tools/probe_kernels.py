@@ -625,7 +625,7 @@ def probe_step(tokens: int, keep_attention: bool, top: int, device: str = "cuda"
           "(profiler on)")  # fmt: skip
     events = prof.key_averages()
 
-    def own(e):  # the op's own device time (its kernels); CPU time on a CPU run
+    def own(e):  # the op's own GPU time (its kernels); CPU time on a CPU run
         return e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
 
     total = sum(own(e) for e in events) / 1e6
@@ -1011,7 +1011,7 @@ def probe_strided() -> None:
 
 
 def kernel_table(fn, top: int = 14) -> None:
-    """GPU time of one call of fn by kernel name (the profiler's self device time)."""
+    """GPU time of one call of fn by kernel name (the profiler's self GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -28,7 +28,7 @@ class token or mean pooling, 140-700 training slides); "local" stayed at chance,
 pooling followed by fc_norm (the default head) "local" learned it (held-out loss 0.34) through
 the norm of the pooled vector, so the benchmark pools a class token.
 
-Session 4 (1,024 tiles, regions 10-15%, 400 slides, scale 10, class token, batch 4, lr 3e-4):
+One run (1,024 tiles, regions 10-15%, 400 slides, scale 10, class token, batch 4, lr 3e-4):
 "full" with rates 1 2 4 (287 steps), with rates 1 2 and segments 64 + whole slide (150 steps)
 and with the registered schedule plus 15 registers (288 steps) stayed at chance, while dense
 attention, and rates 1 1 with segments 64 + whole slide, learned within 50 steps. Rates 1 2,

@@ -541,8 +541,8 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# Fastest first, as measured on an H200 (ANCHORS.md: cuDNN > flash > efficient; FA4, when
-# installed, beats cuDNN: docs/benchmarks.md).
+# Fastest first, as measured on an H200 (cuDNN > flash > efficient; FA4, when installed,
+# beats cuDNN: docs/benchmarks.md).
 AUTO_ORDER = ("fa4", "cudnn", "flash", "efficient", "cpu_flash", "math")
 
 

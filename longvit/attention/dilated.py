@@ -588,7 +588,7 @@ def _make_steps(plan: _Plan, q, k, v, key_valid) -> tuple:
 # merging their outputs (all of them alive at once: ~2x a q tensor more memory), so that the GPU
 # gets its long kernels while the host works out the merges. At 65K tokens the host, not the
 # GPU, sets the pace of the op, and a step started on an idle GPU otherwise waits for it
-# (docs/benchmarks.md, session 8).
+# (docs/benchmarks.md).
 DEFER_MERGES_ELEMENTS = 2**26
 
 
@@ -723,10 +723,10 @@ def _kernel_inputs(call: _Call, tensors) -> list[torch.Tensor]:
 # costs the GPU time (five tensors read and written in all) and the host its launches. So a
 # call reads in place when it has this many elements or more per extra kernel call. At 65K
 # tokens LongViT's three branches of m = 2048 (one call, seven head groups, 44M elements) read
-# in place: with window geometry remembered and one merge launch (session 9) the op took
+# in place: with window geometry remembered and one merge launch the op took
 # 5.47 ms from an idle GPU in place against 5.46-5.71 ms gathered (1.11x against 1.12-1.16x
-# kernel only), with 0.5 GiB less memory; session 8's rule (2**24) gathered there. At 262K
-# tokens and above in place wins either way (docs/benchmarks.md, sessions 7-9).
+# kernel only), with 0.5 GiB less memory; a rule of 2**24 gathered there. At 262K
+# tokens and above in place wins either way (docs/benchmarks.md).
 IN_PLACE_ELEMENTS_PER_CALL = 2**22
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-# LongViT and LongNet use these rates throughout (ANCHORS.md).
+# LongViT and LongNet use these rates throughout.
 DEFAULT_DILATION_RATES: tuple[int, ...] = (1, 2, 4, 8, 16)
 
 
