@@ -135,8 +135,9 @@ class DilatedKVCache:
     def fill(self, kv: torch.Tensor, index: torch.Tensor) -> None:
         """Store a prefill's keys and values kv (B, T, 2, H, D): slot j of sample b holds
         token index[b, j] (``DecoderKVCache.prefill``)."""
-        batch = torch.arange(kv.shape[0], device=kv.device)[:, None]
-        self.kv = kv.detach()[batch, index]  # (B, C, 2, H, D), a new tensor
+        if kv.requires_grad:  # the cache holds values, not a graph
+            kv = kv.detach()
+        self.kv = kv[self.owner.batch_column, index]  # (B, C, 2, H, D), a new tensor
         self.keys = self.kv[:, :, 0].transpose(1, 2)
         self.values = self.kv[:, :, 1].transpose(1, 2)
 
@@ -187,6 +188,7 @@ class DecoderKVCache:
         self.positions: torch.Tensor | None = None  # (B,) next position of every sample
         self.furthest = 0  # host copy of positions.max(): capacity checks without a sync
         self.batch_index: torch.Tensor | None = None
+        self.batch_column: torch.Tensor | None = None
         self.prompt_lengths = prompt_lengths
         self._tables: dict = {}
 
@@ -222,6 +224,7 @@ class DecoderKVCache:
             lengths = lengths.to(device=device, dtype=torch.int64)
         self.furthest = tokens  # at least the longest prompt (lengths stay on the device)
         self.batch_index = torch.arange(batch, device=device)
+        self.batch_column = self.batch_index[:, None]  # (B, 1): indexes (B, C) with index
         block_start = torch.div(lengths - 1, c, rounding_mode="floor") * c  # of the last token
         index = block_start[:, None] + torch.arange(c, device=device)[None]
         self.positions = lengths.clone()
