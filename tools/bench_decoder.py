@@ -10,11 +10,14 @@ Per configuration (model size and context) and attention:
   attached (bf16 weights), after one warm-up prefill of the same shape (kernel compilation,
   cuDNN plans);
 - generation: ``generate`` (greedy) of ``--gen-tokens`` and of 16 new tokens after that
-  prompt, the fastest of three calls each; ms per token = the difference of the two over the
+  prompt, the faster of two calls each; ms per token = the difference of the two over the
   difference of their token counts (prefill, set-up and a CUDA graph's capture cancel out),
   eagerly and with ``cuda_graph=True`` (CUDA only);
 - ops per layer: aten operations (views included) that a prefill forward and one decoding
-  step dispatch, over the number of layers, counted by a TorchDispatchMode on the same device.
+  step dispatch, over the number of layers, counted by a TorchDispatchMode on the same device;
+- a probe of the step's attention call alone (one query over a bf16 cache of the
+  largest context, per SDPA backend and mask): how close it comes to reading the cache at
+  the memory's rate.
 
 Schedules: at 32K and below, LongNet's LM schedule (segments 2048..32768, rates 1, 2, 4, 6,
 12); for longer contexts it is extended by doubling both until the largest segment covers the
@@ -30,6 +33,7 @@ tokens per block).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -37,6 +41,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,17 +155,22 @@ def bench_generate(args, model: LongNetDecoder, context: int) -> dict:
             row["prefill_s"] = time.perf_counter() - t0
     graphs = [False] + ([True] if args.device.startswith("cuda") else [])
     for cuda_graph in graphs:
+        key = "ms_per_token_graph" if cuda_graph else "ms_per_token"
         elapsed = {SHORT_GENERATION: float("inf"), args.gen_tokens: float("inf")}
-        for new in (SHORT_GENERATION, args.gen_tokens) * 3:  # the fastest call of each
-            sync(args.device)
-            t0 = time.perf_counter()
-            model.generate(prompt, new, temperature=0, cuda_graph=cuda_graph)
-            sync(args.device)
-            elapsed[new] = min(elapsed[new], time.perf_counter() - t0)
+        try:
+            for new in (SHORT_GENERATION, args.gen_tokens) * 2:  # the faster call of each
+                sync(args.device)
+                t0 = time.perf_counter()
+                model.generate(prompt, new, temperature=0, cuda_graph=cuda_graph)
+                sync(args.device)
+                elapsed[new] = min(elapsed[new], time.perf_counter() - t0)
+        except RuntimeError as err:  # a capture that fails: reported, the table goes on
+            row[key + "_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            continue
         per_token = (elapsed[args.gen_tokens] - elapsed[SHORT_GENERATION]) / (
             args.gen_tokens - SHORT_GENERATION
         )
-        row["ms_per_token_graph" if cuda_graph else "ms_per_token"] = 1e3 * per_token
+        row[key] = 1e3 * per_token
     row["generate_peak_gib"] = peak_gib(args.device)
     with model.kv_caches(prompt_len + 2):  # the operations of a prefill and of one step
         with _CountOps() as forward:
@@ -172,6 +182,79 @@ def bench_generate(args, model: LongNetDecoder, context: int) -> dict:
     row["prefill_ops_per_layer"] = sum(forward.ops.values()) / depth
     row["step_ops_per_layer"] = sum(step.ops.values()) / depth
     return row
+
+
+def probe_step_attention(args, context: int, heads: int = 12, head_dim: int = 64) -> list[dict]:
+    """One decoding step's attention call over a (1, H, C, D) bf16 cache of C = context slots
+    (longnet_decoder_base's heads), per SDPA backend and mask: microseconds per call (CUDA
+    events, 200 calls) and the rate at which it reads the keys and values."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt = args.device, torch.bfloat16
+    kv = torch.randn(1, 2, heads, context, head_dim, device=dev, dtype=dt)
+    q = torch.randn(1, heads, 1, head_dim, device=dev, dtype=dt)
+    counts = torch.randint(0, 3, (1, heads, 1, context), device=dev).float()
+    counts[..., 0] = 1  # every head has a key
+    masks = {"log-count bias (dilated)": counts.log().to(dt),
+             "bool mask (dense)": torch.ones(1, 1, 1, context, device=dev, dtype=torch.bool),
+             "no mask": None}  # fmt: skip
+    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "math": SDPBackend.MATH}  # fmt: skip
+    rows = []
+    for mask_name, mask in masks.items():
+        for backend_name, backend in backends.items():
+            row = dict(kind="step_attention", context=context, mask=mask_name,
+                       backend=backend_name)  # fmt: skip
+            try:
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    us = _microseconds(
+                        partial(F.scaled_dot_product_attention, q, kv[:, 0], kv[:, 1],
+                                attn_mask=mask), dev,
+                    )  # fmt: skip
+                row.update(us_per_call=us, read_gb_per_s=kv.numel() * 2 / us / 1e3)
+            except RuntimeError as err:
+                row["error"] = "no kernel" if "No viable" in str(err) else str(err)[:60]
+            rows.append(row)
+    bias = masks["log-count bias (dilated)"]
+
+    def composed():  # the same step as three matrix products and a float32 softmax
+        scores = torch.matmul(q, kv[:, 0].transpose(-1, -2)).float() * head_dim**-0.5
+        return torch.matmul(torch.softmax(scores + bias, -1).to(dt), kv[:, 1])
+
+    us = _microseconds(composed, dev)
+    rows.append(dict(kind="step_attention", context=context, mask="log-count bias (dilated)",
+                     backend="matmul, softmax, matmul", us_per_call=us,
+                     read_gb_per_s=kv.numel() * 2 / us / 1e3))  # fmt: skip
+    return rows
+
+
+def _microseconds(call, device: str, calls: int = 200) -> float:
+    """Mean time of call() in microseconds after 20 warm-up calls (CUDA events on CUDA)."""
+    for _ in range(20):
+        call()
+    if not device.startswith("cuda"):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - t0) * 1e6 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def print_probe(rows: list[dict]) -> None:
+    print("\n| step attention, C slots | mask | SDPA backend | us per call | K, V read GB/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        got = (f"{r['us_per_call']:.1f} | {r['read_gb_per_s']:,.0f}" if "error" not in r
+               else f"{r['error']} |")  # fmt: skip
+        print(f"| {r['context']:,} | {r['mask']} | {r['backend']} | {got} |")
 
 
 def run_config(args, size: str, context: int, attention: str) -> dict:
@@ -206,7 +289,7 @@ def print_table(rows: list[dict]) -> None:
             continue
         print(f"{head} {fmt(r.get('train_step_s'), '.3f')} | "
               f"{fmt(r.get('train_tokens_per_s'), ',.0f')} | {r['prefill_s']:.3f} | "
-              f"{r['ms_per_token']:.2f} | {fmt(r.get('ms_per_token_graph'), '.2f')} | "
+              f"{fmt(r.get('ms_per_token'), '.2f')} | {fmt(r.get('ms_per_token_graph'), '.2f')} | "
               f"{r['prefill_ops_per_layer']:.1f} | {r['step_ops_per_layer']:.1f} |")  # fmt: skip
 
 
@@ -222,6 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=80, help="new tokens of the longer call")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after 1 warm-up)")
     p.add_argument("--no-train", action="store_true", help="prefill and generation only")
+    p.add_argument("--no-probe", action="store_true", help="skip the step-attention probe")
     p.add_argument("--pos-embed", default="rope", choices=["rope", "xpos"])
     p.add_argument("--loss-chunk", type=int, default=8192)
     p.add_argument("--mlp-chunk", type=int, default=65536)
@@ -250,6 +334,10 @@ def main(argv=None) -> int:
             rows.append(run_config(args, size, context, attention))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
+    if not args.no_probe:
+        probe = probe_step_attention(args, max(c for _, c in args.configs))
+        print_probe(probe)
+        rows += probe
     if args.out:
         meta = dict(torch=torch.__version__, python=sys.version.split()[0],
                     platform=platform.platform(), device=args.device,

@@ -115,10 +115,11 @@ class DecodeStep:
 
 
 class DilatedKVCache:
-    """One layer's keys and values: storage (B, C, 2, H, D), slot = position mod C.
+    """One layer's keys and values: storage (B, 2, H, C, D), slot = position mod C.
 
-    ``keys`` and ``values`` are (B, H, C, D) views of it (what the attention reads); the
-    storage is written in place, so they stay valid for the whole generation.
+    ``keys`` and ``values`` are its contiguous (B, H, C, D) halves (what the attention reads,
+    in the layout fused kernels take); the storage is written in place, so they stay valid
+    for the whole generation.
     """
 
     def __init__(self, owner: DecoderKVCache):
@@ -137,9 +138,9 @@ class DilatedKVCache:
         token index[b, j] (``DecoderKVCache.prefill``)."""
         if kv.requires_grad:  # the cache holds values, not a graph
             kv = kv.detach()
-        self.kv = kv[self.owner.batch_column, index]  # (B, C, 2, H, D), a new tensor
-        self.keys = self.kv[:, :, 0].transpose(1, 2)
-        self.values = self.kv[:, :, 1].transpose(1, 2)
+        slots = kv[self.owner.batch_column, index]  # (B, C, 2, H, D)
+        self.kv = slots.movedim(1, 3).contiguous()  # (B, 2, H, C, D)
+        self.keys, self.values = self.kv[:, 0], self.kv[:, 1]
 
     def write(self, kv: torch.Tensor, step: DecodeStep) -> None:
         """Store the new tokens' keys and values kv (B, 2, H, D) at the step's slots."""
@@ -147,7 +148,7 @@ class DilatedKVCache:
             raise ValueError("the KV cache is empty: run the prompt through the model first")
         if kv.requires_grad:  # the cache holds values, not a graph
             kv = kv.detach()
-        self.kv.index_put_((self.owner.batch_index, step.slots), kv)
+        self.kv[self.owner.batch_index, :, :, step.slots] = kv  # one index_put_
 
 
 class DecoderKVCache:
