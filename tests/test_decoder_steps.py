@@ -41,7 +41,7 @@ def test_step_bias_counts_the_reference_multiplicity(seg, rates, heads):
     cache holds, for two samples at different positions (a prompt of 1 and one of 5 tokens)."""
     n = 3 * max(seg) + 5
     rotary = RotaryEmbedding(8, "rope", block=max(seg))
-    cache = DecoderKVCache(n, 1, heads, seg, rates, "dilated", rotary, torch.tensor([1, 5]))
+    cache = DecoderKVCache(n, 1, heads, 8, seg, rates, "dilated", rotary, torch.tensor([1, 5]))
     cache.prefill(2, 5, torch.device("cpu"))
     m = multiplicity(n + 4, heads, seg, rates, causal=True)  # (H, N, N)
     c = cache.capacity
@@ -125,11 +125,11 @@ class _CountOps(TorchDispatchMode):
 # longnet_decoder_base's depth, heads, schedule and sub-LN, narrow (the count does not depend on
 # the width), at T = 4,096 on CPU (float32), dilated / dense. Measured: a forward (training's,
 # or a prefill without cache) 51.5 / 40.3 ops per layer (143.2 / 88.2 when every layer built
-# its own attention plan and rotary tables), a prefill that fills the KV caches 7 more (the
-# copy into the cache and its views), one generation step 42.5 / 44.1 (110.5 / 98.3 when a
+# its own attention plan and rotary tables), a prefill that fills the KV caches 6.3 more (one
+# gather into the cache and its views), one generation step 42.5 / 44.1 (110.5 / 98.3 when a
 # step built its key lists and gathered them).
 FORWARD_OPS_PER_LAYER = 55
-PREFILL_OPS_PER_LAYER = 62
+PREFILL_OPS_PER_LAYER = 61
 STEP_OPS_PER_LAYER = 46
 
 

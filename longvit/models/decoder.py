@@ -451,8 +451,8 @@ class LongNetDecoder(nn.Module):
         """
         layers = self.self_attention_layers()
         cache = DecoderKVCache(
-            capacity, len(layers), self.num_heads, self.segment_lengths, self.dilation_rates,
-            self.attention, layers[0].rotary, prompt_lengths,
+            capacity, len(layers), self.num_heads, layers[0].head_dim, self.segment_lengths,
+            self.dilation_rates, self.attention, layers[0].rotary, prompt_lengths,
         )  # fmt: skip
         for layer, layer_cache in zip(layers, cache.layers):
             layer.kv_cache = layer_cache

@@ -51,7 +51,7 @@ class DecoderPlan:
     packed, kernel: the packed attention plan and its kernel, where dilated attention takes
         the packed path (None otherwise: dense attention, or dilated_attention's
         per-branch path for large inputs).
-    fill: (B, C) the token each KV-cache slot stores (a prefill), or None.
+    fill: (B, 2, H, C, D) the token each KV-cache slot stores (a prefill), or None.
     step: the decoding step (T = 1; the layers attend their KV caches), or None.
     """
 

@@ -135,11 +135,11 @@ class DilatedKVCache:
 
     def fill(self, kv: torch.Tensor, index: torch.Tensor) -> None:
         """Store a prefill's keys and values kv (B, T, 2, H, D): slot j of sample b holds
-        token index[b, j] (``DecoderKVCache.prefill``)."""
+        token index[b, 0, 0, j, 0] (index (B, 2, H, C, D), ``DecoderKVCache.prefill``)."""
         if kv.requires_grad:  # the cache holds values, not a graph
             kv = kv.detach()
-        slots = kv[self.owner.batch_column, index]  # (B, C, 2, H, D)
-        self.kv = slots.movedim(1, 3).contiguous()  # (B, 2, H, C, D)
+        source = kv.permute(0, 2, 3, 1, 4)  # (B, 2, H, T, D), a view
+        self.kv = torch.gather(source, 3, index)  # (B, 2, H, C, D), contiguous: one pass
         self.keys, self.values = self.kv[:, 0], self.kv[:, 1]
 
     def write(self, kv: torch.Tensor, step: DecodeStep) -> None:
@@ -171,6 +171,7 @@ class DecoderKVCache:
         capacity: int,
         depth: int,
         num_heads: int,
+        head_dim: int,
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         attention: str,
@@ -182,14 +183,14 @@ class DecoderKVCache:
         self.block = pattern_block(segment_lengths) if attention == "dilated" else None
         self.capacity = capacity if self.block is None else min(capacity, self.block)
         self.rolls = self.capacity == self.block  # positions past capacity reuse the slots
-        self.num_heads, self.attention, self.rotary = num_heads, attention, rotary
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attention, self.rotary = attention, rotary
         self.branches = list(zip((int(w) for w in segment_lengths),
                                  (int(r) for r in dilation_rates)))  # fmt: skip
         self.layers = [DilatedKVCache(self) for _ in range(depth)]
         self.positions: torch.Tensor | None = None  # (B,) next position of every sample
         self.furthest = 0  # host copy of positions.max(): capacity checks without a sync
         self.batch_index: torch.Tensor | None = None
-        self.batch_column: torch.Tensor | None = None
         self.prompt_lengths = prompt_lengths
         self._tables: dict = {}
 
@@ -208,8 +209,8 @@ class DecoderKVCache:
     # ------------------------------------------------------------------ prefill
     def prefill(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
         """Prepare for a prompt (B, T) (right-padded to ``prompt_lengths``): returns the token
-        index (B, C) that each layer's ``fill`` stores; every sample then continues after its
-        own prompt."""
+        index (B, 2, H, C, D) (the token of slot j, expanded) that each layer's ``fill``
+        gathers; every sample then continues after its own prompt."""
         if self.started:
             raise ValueError("this KV cache already holds a prompt; open a new kv_caches()")
         if tokens > self.capacity and not self.rolls:
@@ -225,11 +226,11 @@ class DecoderKVCache:
             lengths = lengths.to(device=device, dtype=torch.int64)
         self.furthest = tokens  # at least the longest prompt (lengths stay on the device)
         self.batch_index = torch.arange(batch, device=device)
-        self.batch_column = self.batch_index[:, None]  # (B, 1): indexes (B, C) with index
         block_start = torch.div(lengths - 1, c, rounding_mode="floor") * c  # of the last token
         index = block_start[:, None] + torch.arange(c, device=device)[None]
         self.positions = lengths.clone()
-        return index.clamp_(max=tokens - 1)  # slots past a sample's length: never attended
+        index = index.clamp_(max=tokens - 1)  # slots past a sample's length: never attended
+        return index[:, None, None, :, None].expand(batch, 2, self.num_heads, c, self.head_dim)
 
     # --------------------------------------------------------------------- steps
     def reserve_step(self) -> None:
