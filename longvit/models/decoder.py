@@ -491,7 +491,7 @@ class LongNetDecoder(nn.Module):
 
         prompt_lengths: (B,) tokens of each prompt, right-padded to T0 (None: all T0).
             Row b holds its prompt_lengths[b] prompt tokens, its max_new_tokens new ones,
-            then pad_token to the end.
+            then pad_token (a token id: use_cache=False embeds it, and attends it never).
         cuda_graph: replay every decoding step after the first two as one CUDA graph
             (``generation.CudaGraphStep``; a CUDA model, use_cache=True).
         """

@@ -280,15 +280,15 @@ class DecoderKVCache:
             slot = torch.arange(c, device=device)
             t = {"slot": slot, "rotary": self.rotary.table(slot, dtype, max_position=c - 1)}
             t["acc"] = torch.float64 if dtype == torch.float64 else torch.float32
-            codes, offsets, groups = [], [], []
-            heads = torch.arange(h, device=device)
-            for w, r in self.branches:
-                offset = torch.remainder(torch.remainder(slot, w), r)
-                offsets.append(offset)
-                codes.append(torch.div(slot, w, rounding_mode="floor") * r + offset)
-                groups.append(torch.div(heads, math.ceil(h / r), rounding_mode="floor"))
             if self.attention == "dilated":
-                t["code"], t["offset"] = torch.stack(codes), torch.stack(offsets)
+                codes, offsets, groups = [], [], []
+                heads = torch.arange(h, device=device)
+                for w, r in self.branches:
+                    offset = torch.remainder(torch.remainder(slot, w), r)
+                    offsets.append(offset)
+                    codes.append(torch.div(slot, w, rounding_mode="floor") * r + offset)
+                    groups.append(torch.div(heads, math.ceil(h / r), rounding_mode="floor"))
+                t["code"], t["offset"] = torch.stack(codes), torch.stack(offsets)  # (nb, C)
                 t["group"] = torch.stack(groups)  # (nb, H)
             # a rate-1 branch gives every head at least the query's own key
             t["every_head"] = any(r == 1 for _, r in self.branches)
