@@ -5,9 +5,10 @@
 #   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
 #   bash tools/gpu_session.sh extract_gigapath           # about 8 minutes (carry .whl)
 #   ENCODERS="gigapath uni" SETTINGS="bf16-true+compile" bash tools/gpu_session.sh presets
+#   bash tools/gpu_session.sh decoder                    # about 4 minutes
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
 # fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
-# preprocess, op, extract, extract_gigapath, presets, slide_task. Results go to $OUT
+# preprocess, op, extract, extract_gigapath, presets, slide_task, decoder. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -83,6 +84,9 @@ for stage in "${stages[@]}"; do
         wheels
         python tools/bench_slide_task.py --out "$OUT/slide_task.json" 2>&1 \
             | grep -E "^\{|held-out|cohort" ;;
+    decoder)  # the decoder's GPU tests, then training, prefill, generation and ops per layer
+        python -m pytest -q -p no:cacheprovider tests/test_decoder_gpu.py 2>&1 | tail -3
+        python tools/bench_decoder.py --out "$OUT/decoder.json" 2>&1 | grep -v Warning ;;
     fa4)
         fa4 ;;
     fa4_tests)  # after fa4: the tests that run FlashAttention-4 and its replays

@@ -1,23 +1,16 @@
 """LongNet text decoder: causal dilated attention, xPos/RoPE, tied embeddings, KV-cache generation.
 
 The decoder is a stack of the encoders' ``Block`` whose attention layer is
-``DecoderSelfAttention``: ``MultiheadDilatedAttention`` with rotary or xPos
-positions on q and k and ``dilated_attention(causal=True)`` (or dense causal
-SDPA, ``attention="dense"``, the baseline of the benchmarks). With
-``cross_attention=True`` each block is preceded by a dense cross-attention to a
-memory (the slide encoder's tokens, see ``captioner.py``).
+``DecoderSelfAttention`` (``decoder_attention.py``): rotary or xPos positions on q
+and k and causal dilated attention (or dense causal SDPA, ``attention="dense"``, the
+baseline of the benchmarks). With ``cross_attention=True`` each block is preceded by
+a dense cross-attention to a memory (the slide encoder's tokens, see ``captioner.py``).
 
-Generation keeps, per layer, a ``DilatedKVCache``. Decoding the token at
-position p follows the dilated pattern exactly: in branch (w, r) the token's
-in-segment position j = p mod w gives the offset o = j mod r; the heads of
-group o (heads o * G ... o * G + G - 1, G = ceil(H / r)) attend the cached keys
-of the segment at in-segment positions o, o + r, ..., j. All branches' key lists
-are concatenated per head and one softmax is taken over the concatenation, so a
-key reached by m branches counts m times: exactly softmax(q k^T + log M) of
-``dilated_attention_reference``, i.e. the branches merged by their softmax
-denominators (LSE). Segments of every branch tile blocks of
-L = lcm(segment_lengths) tokens and no query ever attends outside its block, so
-the cache holds at most L tokens: the keys before the current block are dropped.
+A forward builds one ``DecoderPlan`` (rotary factors, packed attention plan) that every
+layer shares. Generation runs the prompt once (the prefill: a full forward whose layers
+also fill their KV caches), then one step per token, each step the same operations at
+every position: ``decoder_cache.py`` says what a step attends, ``generation.py`` how it is
+sampled and replayed as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -33,14 +26,23 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from longvit.attention import MultiheadDilatedAttention, dilated_attention
 from longvit.attention.schedule import check_schedule
+from longvit.models.decoder_attention import (
+    ATTENTION_TYPES,
+    LONGNET_DILATION_RATES,
+    LONGNET_SEGMENT_LENGTHS,
+    DecoderPlan,
+    DecoderSelfAttention,
+)
+from longvit.models.decoder_cache import DecoderKVCache, DilatedKVCache, pattern_block, step_pattern
+from longvit.models.generation import CudaGraphStep, check_sampling, sample_next_token
 from longvit.models.layers import Block
-from longvit.models.positions import RotaryEmbedding
 
 __all__ = [
     "ATTENTION_TYPES",
     "CrossAttention",
+    "DecoderKVCache",
+    "DecoderPlan",
     "DecoderSelfAttention",
     "DilatedKVCache",
     "LONGNET_DILATION_RATES",
@@ -49,272 +51,13 @@ __all__ = [
     "create_decoder",
     "longnet_decoder_base",
     "longnet_decoder_small",
+    "pattern_block",
     "sample_next_token",
     "step_pattern",
 ]
 
-ATTENTION_TYPES = ("dilated", "dense")
-# LongNet's language-model schedule (the paper, 32K context).
-LONGNET_SEGMENT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
-LONGNET_DILATION_RATES: tuple[int, ...] = (1, 2, 4, 6, 12)
 # cl100k_base's token count (tiktoken's n_vocab), the paper's tokenizer
 CL100K_VOCAB_SIZE = 100277
-
-
-def pattern_block(segment_lengths: Sequence[int]) -> int:
-    """L = lcm(segment_lengths): every branch's segments tile blocks of L tokens."""
-    return math.lcm(*[int(w) for w in segment_lengths])
-
-
-# ---------------------------------------------------------------- KV cache
-def step_pattern(
-    position: int,
-    base: int,
-    num_heads: int,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which cached keys the query at ``position`` attends, per head, over all branches.
-
-    Args:
-        position: absolute position p of the query (the newest cached token).
-        base: absolute position of cache slot 0 (every key the query can attend
-            must be at or after it).
-    Returns:
-        slots (K,) int64 cache slots, the branches' key lists one after another
-        (a key reached by m branches appears m times), and mask (H, K) bool, True
-        where head h attends that entry.
-    """
-    firsts, counts, rates, head_lo, head_hi = [], [], [], [], []
-    for w, r in zip(segment_lengths, dilation_rates):
-        seg_start = (position // w) * w
-        j = position - seg_start
-        o = j % r
-        group = math.ceil(num_heads / r)
-        if o * group >= num_heads:  # offset with no heads (r > H)
-            continue
-        if seg_start + o < base:
-            raise ValueError(
-                f"the query at position {position} needs keys from {seg_start + o}, but the "
-                f"cache starts at {base}"
-            )
-        firsts.append(seg_start + o - base)
-        counts.append((j - o) // r + 1)
-        rates.append(r)
-        head_lo.append(o * group)
-        head_hi.append(min(o * group + group, num_heads))
-    total = sum(counts)
-    params = torch.tensor([firsts, rates, head_lo, head_hi], dtype=torch.int64).to(device)
-    count_t = torch.tensor(counts, dtype=torch.int64).to(device)
-    branch = torch.repeat_interleave(
-        torch.arange(len(counts), device=device), count_t, output_size=total
-    )  # (K,) branch of each entry
-    starts = torch.cumsum(count_t, 0) - count_t
-    within = torch.arange(total, device=device) - starts[branch]
-    slots = params[0][branch] + within * params[1][branch]
-    heads = torch.arange(num_heads, device=device)[:, None]
-    mask = (heads >= params[2][branch][None]) & (heads < params[3][branch][None])
-    return slots, mask
-
-
-class DilatedKVCache:
-    """One layer's cached keys and values during generation.
-
-    Holds the tokens from ``base`` on (at most ``capacity``). With ``block`` set
-    (dilated attention: L = lcm of the segment lengths) the cache starts over at
-    every multiple of L, since no later query attends a key before its own block.
-    Storage (B, capacity, H, D) is allocated on the first append, in k's dtype.
-    """
-
-    def __init__(self, capacity: int, block: int | None = None, patterns: dict | None = None):
-        if capacity < 1:
-            raise ValueError(f"capacity must be a positive number of tokens, got {capacity}")
-        self.capacity = capacity if block is None else min(capacity, block)
-        self.block = block
-        self.base = 0
-        self.length = 0
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        # step patterns are the same in every layer: the layers' caches share this memo
-        self.patterns = {} if patterns is None else patterns
-
-    @property
-    def next_position(self) -> int:
-        """Absolute position of the next token to be appended."""
-        return self.base + self.length
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add keys and values (B, n, H, D) of the next n positions."""
-        n = k.shape[1]
-        if self.k is None:
-            shape = (k.shape[0], self.capacity, k.shape[2], k.shape[3])
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
-        start = self.next_position
-        if self.block is not None:
-            # The cached positions [base, start) lie in one block. When the new tokens
-            # reach a later block, nothing before that block is attended again.
-            block_start = ((start + n - 1) // self.block) * self.block
-            if block_start > self.base:
-                k, v = k[:, block_start - start :], v[:, block_start - start :]
-                self.base, self.length = block_start, 0
-        if self.length + k.shape[1] > self.capacity:
-            raise ValueError(
-                f"KV cache of {self.capacity} tokens is full at position {self.next_position}; "
-                "create it with a larger capacity (generate sizes it from the prompt and "
-                "max_new_tokens)"
-            )
-        self.k[:, self.length : self.length + k.shape[1]] = k
-        self.v[:, self.length : self.length + v.shape[1]] = v
-        self.length += k.shape[1]
-
-    def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, length, H, D) of positions base ... next_position - 1."""
-        return self.k[:, : self.length], self.v[:, : self.length]
-
-    def pattern(self, num_heads, segment_lengths, dilation_rates, device):
-        """step_pattern of the newest cached token, memoised across layers."""
-        key = (self.next_position - 1, self.base)
-        if key not in self.patterns:
-            self.patterns.clear()
-            self.patterns[key] = step_pattern(
-                key[0], key[1], num_heads, segment_lengths, dilation_rates, device
-            )
-        return self.patterns[key]
-
-
-# --------------------------------------------------------------- attention
-class DecoderSelfAttention(MultiheadDilatedAttention):
-    """Causal dilated (or dense) self-attention with xPos/RoPE on q and k, KV-cache aware.
-
-    Takes ``MultiheadDilatedAttention``'s arguments (so ``Block(attn_layer=...)``
-    builds it) plus:
-        attention: "dilated" (LongNet) or "dense" (causal SDPA over all tokens).
-        pos_embed, rope_theta, xpos_scale_base: see ``positions.RotaryEmbedding``.
-    segment_lengths must be a list: a causal decoder needs a schedule that does
-    not change with the sequence length ("auto" would).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        sub_ln: bool = False,
-        causal: bool = True,
-        backend: str = "auto",
-        scale: float | None = None,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        attention: str = "dilated",
-        pos_embed: str = "xpos",
-        rope_theta: float = 10000.0,
-        xpos_scale_base: float = 512.0,
-    ):
-        if isinstance(segment_lengths, str):
-            raise ValueError(
-                "segment_lengths must be a list for the decoder (a causal model needs a fixed "
-                f"schedule, e.g. LongNet's {list(LONGNET_SEGMENT_LENGTHS)}), got "
-                f"{segment_lengths!r}"
-            )
-        if not causal:
-            raise ValueError("DecoderSelfAttention is causal; got causal=False")
-        if attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
-        super().__init__(
-            dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
-            qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, sub_ln=sub_ln,
-            causal=True, backend=backend, scale=scale, norm_layer=norm_layer,
-        )  # fmt: skip
-        self.attention = attention
-        self.block = pattern_block(self.segment_lengths) if attention == "dilated" else None
-        self.rotary = RotaryEmbedding(
-            self.head_dim, pos_embed, theta=rope_theta, xpos_scale_base=xpos_scale_base,
-            block=self.block,
-        )  # fmt: skip
-        self.kv_cache: DilatedKVCache | None = None  # attached by LongNetDecoder.generate
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        sp_group=None,
-    ) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C). With a KV cache attached, x holds the next T tokens."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, T, {self.dim}), got {tuple(x.shape)}")
-        if key_padding_mask is not None:
-            raise ValueError(
-                "the causal decoder takes no key_padding_mask: pad on the right and set the "
-                "padded targets to ignore_index (a causal query never sees later tokens)"
-            )
-        if sp_group is not None:
-            raise ValueError("sequence parallelism is not supported by the decoder (sp_group)")
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        cache = self.kv_cache
-        start = 0 if cache is None else cache.next_position
-        positions = torch.arange(start, start + n, device=x.device)
-        q, k = self.rotary(q, k, positions)  # (B, T, H, D) each
-        if cache is None:
-            out = self._attend(q, k, v)
-        elif cache.length == 0:  # prefill from a block start: the full op, then cache
-            out = self._attend(q, k, v)
-            cache.append(k, v)
-        else:
-            if self.training:
-                raise ValueError("KV-cache decoding runs in eval mode (call model.eval())")
-            out = torch.cat(
-                [self._attend_step(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], cache)
-                 for i in range(n)],
-                dim=1,
-            )  # fmt: skip
-        out = self.inner_norm(out.reshape(b, n, self.dim))
-        return self.proj_drop(self.proj(out))
-
-    def _attend(self, q, k, v) -> torch.Tensor:
-        """Full causal attention over (B, T, H, D) -> (B, T, H, D)."""
-        dropout = self.attn_drop if self.training else 0.0
-        if self.attention == "dense":
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                dropout_p=dropout, is_causal=True, scale=self.scale,
-            )  # fmt: skip
-            return out.transpose(1, 2)
-        return dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, causal=True,
-            dropout_p=dropout, scale=self.scale, backend=self.backend,
-        )  # fmt: skip
-
-    def _attend_step(self, q, k, v, cache: DilatedKVCache) -> torch.Tensor:
-        """One new token: q, k, v (B, 1, H, D); appends k, v; returns (B, 1, H, D)."""
-        cache.append(k, v)
-        keys, values = cache.cached()
-        q_ = q.transpose(1, 2)  # (B, H, 1, D)
-        if self.attention == "dense":
-            out = F.scaled_dot_product_attention(
-                q_, keys.transpose(1, 2), values.transpose(1, 2), scale=self.scale
-            )
-            return out.transpose(1, 2)
-        slots, mask = cache.pattern(
-            self.num_heads, self.segment_lengths, self.dilation_rates, q.device
-        )
-        k_sel = keys.index_select(1, slots).transpose(1, 2)  # (B, H, K, D)
-        v_sel = values.index_select(1, slots).transpose(1, 2)
-        if slots.numel() == 0:  # no branch covers this position for any head
-            return torch.zeros_like(q)
-        out = F.scaled_dot_product_attention(
-            q_, k_sel, v_sel, attn_mask=mask[None, :, None], scale=self.scale
-        )
-        out = out.masked_fill(~mask.any(-1)[None, :, None, None], 0.0)  # heads with no key
-        return out.transpose(1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, attention={self.attention!r}"
 
 
 class CrossAttention(nn.Module):
@@ -470,6 +213,7 @@ class LongNetDecoder(nn.Module):
         self.segment_lengths, self.dilation_rates = segment_lengths, dilation_rates
         self.attention, self.pos_embed, self.sub_ln = attention, pos_embed, sub_ln
         self.grad_checkpointing = False
+        self.kv_cache: DecoderKVCache | None = None  # attached by kv_caches()
 
         self.tok_embed = nn.Embedding(vocab_size, dim)
         self.drop = nn.Dropout(drop_rate)
@@ -585,6 +329,8 @@ class LongNetDecoder(nn.Module):
 
         memory: (B, N, memory_dim) tokens to cross-attend (or memory_kv, their
         projections from ``project_memory``); memory_padding_mask (B, N), True = padding.
+        With KV caches attached (``kv_caches``) the first call is the prompt (its layers
+        fill the caches) and every later call continues it, one decoding step per token.
         """
         self._check_tokens(tokens)
         if self.cross_blocks is not None and memory_kv is None:
@@ -594,18 +340,46 @@ class LongNetDecoder(nn.Module):
         elif self.cross_blocks is None and (memory is not None or memory_kv is not None):
             raise ValueError("memory given, but this decoder has no cross-attention")
         x = self.drop(self.tok_embed(tokens))
+        cache = self.kv_cache
+        if cache is not None and cache.started:
+            steps = []
+            for t in range(x.shape[1]):
+                cache.reserve_step()
+                steps.append(self._decode(x[:, t : t + 1], memory_kv, memory_padding_mask))
+            return self.norm(steps[0] if len(steps) == 1 else torch.cat(steps, 1))
+        fill = None if cache is None else cache.prefill(x.shape[0], x.shape[1], x.device)
+        plan = self.blocks[0].attn.plan(x, fill)  # one plan for every layer
         for i in range(len(self.blocks)):
             kv = None if memory_kv is None else memory_kv[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._layer, i, x, kv, memory_padding_mask, use_reentrant=False)
+                x = checkpoint(self._layer, i, x, kv, memory_padding_mask, plan,
+                               use_reentrant=False)  # fmt: skip
             else:
-                x = self._layer(i, x, kv, memory_padding_mask)
+                x = self._layer(i, x, kv, memory_padding_mask, plan)
         return self.norm(x)
 
-    def _layer(self, i: int, x, memory_kv, memory_padding_mask) -> torch.Tensor:
+    def _layer(self, i: int, x, memory_kv, memory_padding_mask, plan: DecoderPlan):
         if self.cross_blocks is not None:
             x = self.cross_blocks[i](x, memory_kv, memory_padding_mask)
-        return self.blocks[i](x)
+        return self.blocks[i](x, plan=plan)
+
+    def _decode(self, x: torch.Tensor, memory_kv, memory_padding_mask) -> torch.Tensor:
+        """One decoding step: embedded tokens x (B, 1, C) -> hidden states (B, 1, C) before
+        the final norm, through the KV caches, which move on by one position. Device
+        operations only, the same at every position (a CUDA graph can replay them)."""
+        cache = self.kv_cache
+        step = cache.step(cache.dtype)
+        plan = DecoderPlan(x.shape[0], 1, step.rotary, step=step)
+        for i in range(len(self.blocks)):
+            kv = None if memory_kv is None else memory_kv[i]
+            x = self._layer(i, x, kv, memory_padding_mask, plan)
+        cache.advance()
+        return x
+
+    def _decode_logits(self, token, memory_kv=None, memory_padding_mask=None) -> torch.Tensor:
+        """token (B,) -> next-token logits (B, vocab_size): one ``_decode`` step."""
+        x = self._decode(self.drop(self.tok_embed(token[:, None])), memory_kv, memory_padding_mask)
+        return self.head(self.norm(x)[:, 0])
 
     def forward(
         self,
@@ -666,16 +440,27 @@ class LongNetDecoder(nn.Module):
         return [blk.attn for blk in self.blocks]
 
     @contextlib.contextmanager
-    def kv_caches(self, capacity: int) -> Iterator[list[DilatedKVCache]]:
-        """Attach a fresh KV cache of ``capacity`` tokens to every layer for the block."""
-        patterns: dict = {}
+    def kv_caches(
+        self, capacity: int, prompt_lengths: torch.Tensor | None = None
+    ) -> Iterator[list[DilatedKVCache]]:
+        """Attach fresh KV caches for ``capacity`` positions (prompt + new tokens) to every
+        layer for the block; yields the layers' caches.
+
+        prompt_lengths: (B,) tokens of each prompt when the prompts are right-padded to a
+        common length (None: every prompt fills it); each sample then continues after its own.
+        """
         layers = self.self_attention_layers()
-        caches = [DilatedKVCache(capacity, layer.block, patterns) for layer in layers]
-        for layer, cache in zip(layers, caches):
-            layer.kv_cache = cache
+        cache = DecoderKVCache(
+            capacity, len(layers), self.num_heads, layers[0].head_dim, self.segment_lengths,
+            self.dilation_rates, self.attention, layers[0].rotary, prompt_lengths,
+        )  # fmt: skip
+        for layer, layer_cache in zip(layers, cache.layers):
+            layer.kv_cache = layer_cache
+        self.kv_cache = cache
         try:
-            yield caches
+            yield cache.layers
         finally:
+            self.kv_cache = None
             for layer in layers:
                 layer.kv_cache = None
 
@@ -692,6 +477,9 @@ class LongNetDecoder(nn.Module):
         stop_token: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        prompt_lengths: torch.Tensor | Sequence[int] | None = None,
+        pad_token: int = 0,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Continue prompt (B, T0) by max_new_tokens tokens -> (B, T0 + max_new_tokens).
 
@@ -700,83 +488,93 @@ class LongNetDecoder(nn.Module):
         emits stop_token, its remaining positions are stop_token (and the loop
         ends early once every sample has). use_cache=False recomputes the full
         forward pass at every step (the slow reference). Runs in eval mode.
+
+        prompt_lengths: (B,) tokens of each prompt, right-padded to T0 (None: all T0).
+            Row b holds its prompt_lengths[b] prompt tokens, its max_new_tokens new ones,
+            then pad_token (a token id: use_cache=False embeds it, and attends it never).
+        cuda_graph: replay every decoding step after the first two as one CUDA graph
+            (``generation.CudaGraphStep``; a CUDA model, use_cache=True).
         """
         self._check_tokens(prompt)
-        if prompt.shape[1] < 1:
+        b, t0 = prompt.shape
+        if t0 < 1:
             raise ValueError("prompt must hold at least one token per sample, got T0 = 0")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        _check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
+        if cuda_graph and not (use_cache and prompt.is_cuda):
+            raise ValueError("cuda_graph=True needs use_cache=True and the model on a CUDA device")
+        lengths = _prompt_lengths(prompt_lengths, b, t0, prompt.device)
         was_training = self.training
         self.eval()
-        total = prompt.shape[1] + max_new_tokens
+        total = t0 + max_new_tokens
         try:
             memory_kv = None
             if self.cross_blocks is not None:
                 if memory is None:
                     raise ValueError("this decoder cross-attends: pass memory (B, N, memory_dim)")
                 memory_kv = self.project_memory(memory, memory_padding_mask)
+            starts = torch.full((b,), t0, device=prompt.device) if lengths is None else lengths
+            out = prompt.new_full((b, total), pad_token)
+            out[:, :t0] = prompt
+            if lengths is not None:  # each row's padding after its prompt
+                padding = torch.arange(t0, device=out.device)[None] >= lengths[:, None]
+                out[:, :t0].masked_fill_(padding, pad_token)
+            memory_args = dict(memory_kv=memory_kv, memory_padding_mask=memory_padding_mask)
             with contextlib.ExitStack() as stack:
-                if use_cache:
-                    stack.enter_context(self.kv_caches(total))
-                out = prompt
-                done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-                new = prompt  # the tokens the next forward pass has not seen
-                while out.shape[1] < total:
-                    hidden = self.forward_features(
-                        new, memory_kv=memory_kv, memory_padding_mask=memory_padding_mask
-                    )
-                    logits = self.head(hidden[:, -1])  # (B, V)
+                if use_cache and max_new_tokens:
+                    stack.enter_context(self.kv_caches(total, lengths))
+                    hidden = self.forward_features(prompt, **memory_args)
+                    logits = self.head(_at(hidden, t0 - 1 if lengths is None else lengths - 1))
+                    step = partial(self._decode_logits, **memory_args)
+                    if cuda_graph:
+                        step = CudaGraphStep(step)
+                done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+                for i in range(max_new_tokens):
+                    if not use_cache:
+                        hidden = self.forward_features(out[:, : t0 + i], **memory_args)
+                        last = t0 + i - 1 if lengths is None else lengths + i - 1
+                        logits = self.head(_at(hidden, last))
                     token = sample_next_token(logits, temperature, top_k, top_p, generator)
                     if stop_token is not None:
                         token = token.masked_fill(done, stop_token)
                         done = done | (token == stop_token)
-                    out = torch.cat([out, token[:, None]], dim=1)
-                    if stop_token is not None and bool(done.all()):
+                    out.scatter_(1, (starts + i)[:, None], token[:, None])
+                    if i + 1 == max_new_tokens:
                         break
-                    new = token[:, None] if use_cache else out
-            if out.shape[1] < total:  # every sample stopped
-                out = torch.cat([out, out.new_full((out.shape[0], total - out.shape[1]),
-                                                   stop_token)], dim=1)  # fmt: skip
+                    if stop_token is not None and bool(done.all()):  # the rest is stop_token
+                        cols = torch.arange(total, device=out.device)[None] - starts[:, None]
+                        out.masked_fill_((cols > i) & (cols < max_new_tokens), stop_token)
+                        break
+                    if use_cache:
+                        self.kv_cache.reserve_step()
+                        logits = step(token)
             return out
         finally:
             self.train(was_training)
 
 
-# ---------------------------------------------------------------- sampling
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+def _prompt_lengths(prompt_lengths, batch: int, tokens: int, device) -> torch.Tensor | None:
+    """prompt_lengths as a (B,) int64 tensor on device, checked; None when every prompt fills
+    all T0 tokens."""
+    if prompt_lengths is None:
+        return None
+    values = torch.as_tensor(prompt_lengths).reshape(-1).tolist()
+    if len(values) != batch or any(int(v) != v or not 1 <= v <= tokens for v in values):
+        raise ValueError(
+            f"prompt_lengths must hold one length in [1, T0 = {tokens}] per sample (B = "
+            f"{batch}), got {values}"
+        )
+    if all(v == tokens for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.int64).to(device)
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy at temperature 0, else top-k / top-p sampling."""
-    _check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def _at(hidden: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """hidden (B, T, C) at position index (an int, or index[b] for sample b) -> (B, C)."""
+    if isinstance(index, int):
+        return hidden[:, index]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 # ------------------------------------------------------------- named sizes

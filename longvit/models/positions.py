@@ -7,6 +7,11 @@ also scales the pair by ``zeta_i ** (position / scale_base)`` on q and by its
 inverse on k, with ``zeta_i = (2i / D + 0.4) / 1.4``: an exponential decay
 ``zeta_i ** ((n - m) / scale_base)`` of the score with distance.
 
+A pair is a complex number and the rotation (with xPos's scale) a product with one complex
+factor per position and pair: ``table(positions)`` holds the factors of q and of k, computed
+in float64 once per forward and shared by every layer, and ``rotate_`` applies them to the
+q and k of a layer's packed projection (B, N, 3, H, D) in place, with one multiplication.
+
 Positions are taken relative to a *block*. In dilated attention every query
 attends only keys of its own segment, and the segments of every branch tile
 blocks of L = lcm(segment_lengths) tokens, so each attended (query, key) pair
@@ -15,6 +20,9 @@ scores as absolute positions while keeping xPos's factors bounded by
 ``zeta ** (-L / (2 scale_base))`` (positions are centred in the block) and the
 rotation angles small (precise in float32) however long the sequence grows.
 Dense attention has no blocks: positions are absolute there.
+
+The frequencies are not buffers: ``model.to(torch.bfloat16)`` would round them to 3
+significant digits (a rotation off by tens of radians at position 16K).
 """
 
 from __future__ import annotations
@@ -58,15 +66,13 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"block must be a positive number of tokens, got {block}")
         self.head_dim, self.kind, self.theta = head_dim, kind, float(theta)
         self.xpos_scale_base, self.block = float(xpos_scale_base), block
-        half = torch.arange(0, head_dim, 2, dtype=torch.float64)
-        self.register_buffer("inv_freq", theta ** (-half / head_dim), persistent=False)
-        self.register_buffer("zeta", (half / head_dim + 0.4) / 1.4, persistent=False)
         if kind == "xpos" and block is not None:
             self.check_xpos_range(block / 2)
 
     def check_xpos_range(self, max_abs_position: float) -> None:
         """ValueError when xPos factors at this distance from the centre leave float32 range."""
-        log_scale = max_abs_position / self.xpos_scale_base * -math.log(float(self.zeta[0]))
+        zeta0 = 0.4 / 1.4  # the smallest zeta_i, i = 0
+        log_scale = max_abs_position / self.xpos_scale_base * -math.log(zeta0)
         if log_scale > _MAX_XPOS_LOG_SCALE:
             where = f"block of {self.block} tokens" if self.block else "absolute position"
             raise ValueError(
@@ -76,22 +82,33 @@ class RotaryEmbedding(nn.Module):
                 "schedule with 512 is fine)"
             )
 
-    def tables(self, positions: torch.Tensor, device: torch.device):
-        """positions (N,) int64 -> (cos, sin, scale) each (N, D) float64 (scale None for RoPE)."""
-        pos = positions.to(device=device, dtype=torch.float64)
+    def table(
+        self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> torch.Tensor:
+        """positions (N,) int64 -> factors (N, 2, 1, D/2) complex, row 0 for q and 1 for k.
+
+        Computed in float64 on positions' device, returned as complex128 for float64
+        ``dtype`` and complex64 otherwise (the rotation runs in float32 there).
+        max_position: the largest absolute position (checked against xPos's range without
+        reading positions back from the device); None reads it.
+        """
+        device = positions.device
+        pos = positions.to(torch.float64)
         if self.block is not None:
             pos = torch.remainder(pos, self.block) - self.block // 2  # centred in its block
         elif self.kind == "xpos" and pos.numel():
-            self.check_xpos_range(float(pos.abs().max()))
-        angles = pos[:, None] * self.inv_freq.to(device)[None, :]  # (N, D/2)
-        cos = torch.cos(angles).repeat_interleave(2, dim=-1)
-        sin = torch.sin(angles).repeat_interleave(2, dim=-1)
-        scale = None
+            self.check_xpos_range(float(pos.abs().max()) if max_position is None else max_position)
+        half = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
+        angles = pos[:, None] * (self.theta ** (-half / self.head_dim))[None]  # (N, D/2)
         if self.kind == "xpos":
-            log_zeta = torch.log(self.zeta.to(device))[None, :]
-            scale = torch.exp(pos[:, None] / self.xpos_scale_base * log_zeta)
-            scale = scale.repeat_interleave(2, dim=-1)
-        return cos, sin, scale
+            log_scale = pos[:, None] * (torch.log((half / self.head_dim + 0.4) / 1.4)
+                                        / self.xpos_scale_base)[None]  # fmt: skip
+            magnitude = torch.exp(torch.stack([log_scale, -log_scale], 1))  # q, k: (N, 2, D/2)
+        else:
+            magnitude = torch.ones_like(angles)[:, None].expand(-1, 2, -1)
+        factors = torch.polar(magnitude, angles[:, None].expand(-1, 2, -1))
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return factors.to(complex_dtype)[:, :, None]
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
@@ -105,22 +122,20 @@ class RotaryEmbedding(nn.Module):
                 f"positions must have one entry per token: q {tuple(q.shape)}, k "
                 f"{tuple(k.shape)}, positions {tuple(positions.shape)}"
             )
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        cos, sin, scale = (
-            None if t is None else t.to(compute)[None, :, None]
-            for t in self.tables(positions, q.device)
-        )
-        q_out, k_out = _rotate(q.to(compute), cos, sin), _rotate(k.to(compute), cos, sin)
-        if scale is not None:
-            q_out, k_out = q_out * scale, k_out / scale
-        return q_out.to(q.dtype), k_out.to(k.dtype)
+        qk = torch.stack([q, k], 2)  # (B, N, 2, H, D)
+        rotate_(qk, self.table(positions.to(q.device), q.dtype))
+        return qk[:, :, 0], qk[:, :, 1]
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, head_dim={self.head_dim}, block={self.block}"
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i + 1): x * cos + rotate_every_two(x) * sin."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+def rotate_(qk: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k in place: qk (B, N, 2, H, D) (a view of a (B, N, 3, H, D) projection
+    works), table (N, 2, 1, D/2) complex from ``RotaryEmbedding.table`` (or (B, N, 2, 1, D/2),
+    one row per sample). Pairs (2i, 2i + 1) are complex numbers multiplied by the factors,
+    in float32 (float64 for float64 inputs); returns qk."""
+    compute = torch.float64 if qk.dtype == torch.float64 else torch.float32
+    pairs = torch.view_as_complex(qk.to(compute).unflatten(-1, (-1, 2)))
+    qk.copy_(torch.view_as_real(pairs * table).flatten(-2))
+    return qk
