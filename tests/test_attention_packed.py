@@ -2,12 +2,10 @@
 reference, and the host work it orders per layer."""
 
 import math
-from collections import Counter
 
 import pytest
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import longvit  # noqa: F401  (registers the models)
 import longvit.attention.dilated as dilated
@@ -15,6 +13,7 @@ import longvit.attention.varlen as varlen
 from longvit.attention import dilated_attention_reference
 from longvit.attention.packed import packed_attention
 from longvit.attention.packed_plan import build_plan
+from longvit.op_count import CountOps
 
 CASES = {
     # (B, N, H, D, segment_lengths, dilation_rates, causal, masked, zero_padded_keys)
@@ -82,23 +81,11 @@ def test_auto_takes_the_packed_path_where_branches_pad():
     assert dilated.packed_kernel("auto", *cpu, branches=padded, **big) == "cpu_flash"
 
 
-class _CountOps(TorchDispatchMode):
-    """Every aten (or registered) op a region dispatches, views included."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_per_layer(model, n: int) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, n, model.in_chans, generator=g)
     coords = torch.randint(0, 200, (1, n, 2), generator=g)
-    with torch.no_grad(), _CountOps() as counter:
+    with torch.no_grad(), CountOps() as counter:
         model(x, coords)
     return sum(counter.ops.values()) / len(model.blocks)
 

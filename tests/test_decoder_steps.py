@@ -3,11 +3,8 @@ prompts of different lengths, the operations a layer orders, positions after a c
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from longvit.attention import multiplicity
 from longvit.models.decoder import (
@@ -17,6 +14,7 @@ from longvit.models.decoder import (
     LongNetDecoder,
 )
 from longvit.models.positions import RotaryEmbedding
+from longvit.op_count import CountOps
 
 
 @pytest.fixture(autouse=True)
@@ -110,18 +108,6 @@ def test_rotary_factors_stay_exact_after_a_cast_to_bfloat16():
     torch.testing.assert_close(table, want, rtol=0, atol=1e-9)
 
 
-class _CountOps(TorchDispatchMode):
-    """Every aten (or registered) op a region dispatches, views included."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 # longnet_decoder_base's depth, heads, schedule and sub-LN, narrow (the count does not depend on
 # the width), at T = 4,096 on CPU (float32), dilated / dense. Measured: a forward (training's,
 # or a prefill without cache) 51.5 / 40.3 ops per layer (143.2 / 88.2 when every layer built
@@ -146,13 +132,13 @@ def test_decoder_layers_dispatch_few_ops(attention):
     m = _base_like(attention)
     tokens = torch.randint(0, 64, (1, 4098))
     with torch.no_grad():
-        with _CountOps() as forward:
+        with CountOps() as forward:
             m.forward_features(tokens[:, :4096])
         with m.kv_caches(4098):
-            with _CountOps() as prefill:
+            with CountOps() as prefill:
                 m.forward_features(tokens[:, :4096])
             m.forward_features(tokens[:, 4096:4097])  # the first step builds the cache's tables
-            with _CountOps() as step:
+            with CountOps() as step:
                 m.forward_features(tokens[:, 4097:])
     depth = len(m.blocks)
     assert sum(forward.ops.values()) / depth <= FORWARD_OPS_PER_LAYER, forward.ops.most_common()

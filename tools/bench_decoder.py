@@ -40,12 +40,10 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from longvit.models.decoder import (
     LONGNET_DILATION_RATES,
@@ -53,6 +51,7 @@ from longvit.models.decoder import (
     LongNetDecoder,
     create_decoder,
 )
+from longvit.op_count import CountOps
 
 GIB = 2**30
 SIZES = {"base": "longnet_decoder_base", "small": "longnet_decoder_small", "tiny": "tiny"}
@@ -100,18 +99,6 @@ def reset_peak(device: str) -> None:
 
 def autocast(args):
     return torch.autocast(args.device.split(":")[0], dtype=args.dtype, enabled=args.autocast)
-
-
-class _CountOps(TorchDispatchMode):
-    """Every aten (or registered) op a region dispatches, views included."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def bench_train(args, model: LongNetDecoder, context: int) -> dict:
@@ -173,10 +160,10 @@ def bench_generate(args, model: LongNetDecoder, context: int) -> dict:
         row[key] = 1e3 * per_token
     row["generate_peak_gib"] = peak_gib(args.device)
     with model.kv_caches(prompt_len + 2):  # the operations of a prefill and of one step
-        with _CountOps() as forward:
+        with CountOps() as forward:
             token = model.head(model.forward_features(prompt)[:, -1]).argmax(-1)
         token = model(token[:, None])[:, -1].argmax(-1)  # the first step builds the tables
-        with _CountOps() as step:
+        with CountOps() as step:
             model(token[:, None])
     depth = len(model.blocks)
     row["prefill_ops_per_layer"] = sum(forward.ops.values()) / depth
