@@ -16,7 +16,11 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longvit generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of the captioner")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Lightning checkpoint of the captioner (read with weights_only=True)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", nargs="+", help="HDF5 feature files (features, coords)")
     src.add_argument("--manifest", help="manifest CSV (see longvit.training.text_data)")
@@ -49,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from longvit.training.text_data import SlideTextDataset, read_manifest
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_captioner(args.checkpoint, map_location=device)
+    try:
+        module = load_captioner(args.checkpoint, map_location=device)
+    except (ValueError, RuntimeError) as err:  # WeightsFileError; a tokenizer this install lacks
+        print(f"longvit generate: {err}", file=sys.stderr)
+        return 2
     if args.manifest:
         rows = read_manifest(
             args.manifest, args.split, args.feature_column, args.text_column, args.split_column

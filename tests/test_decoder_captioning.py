@@ -129,7 +129,7 @@ def test_conditioned_model_learns_slide_to_text(manifest, tmp_path):
 
     ckpt = tmp_path / "captioner.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert torch.load(ckpt, weights_only=False)["tokenizer"]["name"] == "byte"
+    assert torch.load(ckpt, weights_only=True)["tokenizer"]["name"] == "byte"
     loaded = load_captioner(str(ckpt))
     assert loaded.tokenizer.name == "byte"
     out = tmp_path / "reports.jsonl"

@@ -82,7 +82,7 @@ def _direct_features(model_name, weights, slide_path, coords, crop_pct=None, **k
     state = (
         safetensors.torch.load_file(weights)
         if str(weights).endswith(".safetensors")
-        else torch.load(weights)["state_dict"]
+        else torch.load(weights, weights_only=True)["state_dict"]
     )
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc."))}
     model.load_state_dict(state)

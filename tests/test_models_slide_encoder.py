@@ -27,6 +27,15 @@ def test_published_sizes():
     assert not any(b.numel() > 0 for b in m.buffers())  # no position buffer
 
 
+def test_forward_on_meta_device():
+    """Shapes without values (timm builds models on "meta" to check them): 1 + 30 tokens
+    need padded segments, whose key mask must not be read as values."""
+    m = timm.create_model("longvit_slide_small", device="meta", **TINY).eval()
+    feats, coords = torch.randn(2, 30, 48, device="meta"), torch.zeros(2, 30, 2, device="meta")
+    assert m.forward_features(feats, coords).shape == (2, 31, 64)
+    assert m(torch.randn(1, 48, 5, 6, device="meta")).shape == (1, 64)
+
+
 def test_shapes_and_num_classes():
     m = tiny(num_classes=3)
     feats, coords = torch.randn(2, 30, 48), torch.randint(0, 50, (2, 30, 2))

@@ -93,7 +93,10 @@ def sharded_results(request):
     world = request.param
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        per_rank = [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
+            for r in range(world)
+        ]
     return {
         name: [torch.cat([rank[name][i] for rank in per_rank], dim=1) for i in range(len(got))]
         for name, got in per_rank[0].items()

@@ -127,7 +127,7 @@ def _fit(cohort, tmp_path, max_epochs, ckpt_path=None, interrupt=False):
         callbacks=[record, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)]
         + ([_Interrupt()] if interrupt else []),
     )  # fmt: skip
-    trainer.fit(model, data, ckpt_path=ckpt_path)
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
     return record.losses, model
 
 

@@ -165,7 +165,7 @@ def test_class_token_pooling_with_sequence_parallel_matches_one_process(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_cls_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
     # 64 tokens -> 63 per rank (+ 1 slot = 64 = 2 x 32): [cls, t0..t62 | slot, t63, pad...]
     batch = collate([Slides()[0], Slides()[2]])
     lay = {}

@@ -445,7 +445,8 @@ def keys_from_valid(valid: torch.Tensor, causal: bool):
 
     no_key (C, H, L) for causal (no valid key at or before the query; queries and keys
     are the same positions), else (C, H, 1): the row has no valid key at all."""
-    if bool(valid.all()):
+    # (meta tensors hold no values to test: they take the masked path, of the same shapes)
+    if valid.device.type != "meta" and bool(valid.all()):
         return None, None
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     bias = bias.masked_fill(~valid, float("-inf")).unsqueeze(2)

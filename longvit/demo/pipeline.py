@@ -148,8 +148,8 @@ def train_and_evaluate(manifest: Path, out: Path, epochs: int, seed: int, accele
     )  # fmt: skip
     trainer.fit(model, data)
     best = checkpoint.best_model_path or checkpoint.last_model_path
-    metrics = trainer.test(model, data, ckpt_path=best, verbose=True)[0]
-    trainer.predict(model, data, ckpt_path=best, return_predictions=False)
+    metrics = trainer.test(model, data, ckpt_path=best, verbose=True, weights_only=True)[0]
+    trainer.predict(model, data, ckpt_path=best, return_predictions=False, weights_only=True)
     return metrics, {"checkpoint": Path(best), "predictions": writer.csv_path,
                      "heatmaps": out / "predictions" / "heatmaps",
                      "logs": Path(trainer.logger.log_dir)}  # fmt: skip

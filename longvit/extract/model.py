@@ -1,12 +1,13 @@
 """The tile encoder: any timm model, its own preprocessing, weights from a local file.
 
 ``build_tile_encoder("vit_base_patch16_224", weights="vit_b.safetensors")`` creates the model
-with timm (``num_classes=0``: the output is the pooled pre-logits embedding), loads the weights
-through timm's local-file route (``pretrained_cfg_overlay=dict(file=...)``, so the model's own
-checkpoint filter adapts foreign layouts) and resolves the preprocessing from the model's
-pretrained_cfg with ``timm.data.resolve_data_config``. Nothing is fetched from a hub: names that
-point at a hub (``hf-hub:...``) are refused, and without ``weights`` the caller must ask for
-random weights explicitly.
+with timm (``num_classes=0``: the output is the pooled pre-logits embedding), reads the weights
+file without running code from it (``longvit.weights_file``: safetensors, or torch.load with
+weights_only=True), hands them to timm's pretrained loading (``pretrained_cfg_overlay``, so
+the model's own checkpoint filter adapts foreign layouts) and resolves the preprocessing from
+the model's pretrained_cfg with ``timm.data.resolve_data_config``. Nothing is fetched from a
+hub: names that point at a hub (``hf-hub:...``) are refused, and without ``weights`` the caller
+must ask for random weights explicitly.
 
 The encoder takes raw tiles, ``(B, H, W, 3)`` uint8 RGB, and does timm's evaluation transform on
 the device it runs on (resize the tile to ``floor(input_size / crop_pct)``, centre crop
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longvit.extract.fused_preprocess import fused_resize_normalize
+from longvit.weights_file import WeightsFileError, forget_loaded_weights, weights_overlay
 
 PRECISIONS = ("bf16", "fp16", "fp32", "bf16-true")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -304,6 +306,14 @@ def _register_longvit_models() -> None:
         importlib.import_module("longvit.models")
 
 
+def _read_weights(path: Path, model_name: str, overlay: dict) -> dict:
+    """timm's overlay with the file's state dict, or TileEncoderError naming the file."""
+    try:
+        return weights_overlay(path, f"tile encoder weights for {model_name!r}", overlay)
+    except WeightsFileError as err:
+        raise TileEncoderError(f"{err}; check --weights") from err
+
+
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -377,10 +387,12 @@ def build_tile_encoder(
         if not path.is_file():
             raise TileEncoderError(f"{path}: no such weights file; check --weights")
         digest, source = weights_sha256(path), str(path.resolve())
-        # timm's local-file route; source="" so a name's hf-hub default source is never used.
-        # custom_load only for JAX .npz files: tags such as vit_*.augreg set it, and timm
-        # (1.0.29, at least) then hands any file to the model's .npz loader
+        # source="" so a name's hf-hub default source is never used. custom_load only for JAX
+        # .npz files (timm reads them with allow_pickle=False): tags such as vit_*.augreg set
+        # it, and timm (1.0.29, at least) then hands any file to the model's .npz loader
         overlay = {"file": source, "source": "", "custom_load": path.suffix == ".npz"}
+        if path.suffix != ".npz":  # read here, without running code from the file
+            overlay = _read_weights(path, model_name, overlay)
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
     builder_log.addHandler(report)
     previous_level = builder_log.level
@@ -398,6 +410,8 @@ def build_tile_encoder(
     finally:
         builder_log.removeHandler(report)
         builder_log.setLevel(previous_level)
+        kwargs.pop("pretrained_cfg_overlay", None)
+    forget_loaded_weights(model)
     if report.missing:
         raise TileEncoderError(
             f"{weights}: these weights leave parts of {model_name!r} uninitialised "
@@ -412,7 +426,6 @@ def build_tile_encoder(
         h, w = (size, size) if isinstance(size, int) else size
         args["input_size"] = (3, int(h), int(w))
     preprocessing = Preprocessing.from_data_config(resolve_data_config(args, model=model))
-    kwargs.pop("pretrained_cfg_overlay", None)
     return TileEncoder(
         model,
         preprocessing,

@@ -2,7 +2,7 @@
 
 ``checkpoint_filter_fn(state_dict, model)`` is what timm's ``load_pretrained``
 calls on weights given through ``pretrained_cfg_overlay=dict(file=...)``
-(.safetensors, or .pth / .ckpt loaded with ``weights_only=True``). It accepts:
+(.safetensors, or .pth / .ckpt read with ``weights_only=True`` by ``build_model``). It accepts:
 - a plain state dict of this model;
 - a whole Lightning checkpoint (``{"state_dict": ..., "pytorch-lightning_version": ...}``)
   or its state dict, whose keys carry the LightningModule attribute path
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from longvit.models.pos_embed import resample_pos_embed
+from longvit.weights_file import forget_loaded_weights, weights_overlay
 
 _logger = logging.getLogger(__name__)
 
@@ -109,11 +110,22 @@ def build_model(
 ):
     """timm's build_model_with_cfg for a longvit class: weights through
     ``checkpoint_filter_fn`` (or the given filter), feature maps by
-    ``forward_intermediates`` (out_indices)."""
+    ``forward_intermediates`` (out_indices).
+
+    A local file given as ``pretrained_cfg_overlay=dict(file=...)`` is read by
+    ``longvit.weights_file`` (safetensors, or torch.load with weights_only=True), so a file
+    that is no weights file raises ``WeightsFileError`` naming it.
+    """
     from timm.models import build_model_with_cfg
 
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and overlay.get("file") and overlay.get("state_dict") is None:
+        expected = f"weights for {variant!r} (pretrained_cfg_overlay file)"
+        kwargs["pretrained_cfg_overlay"] = weights_overlay(
+            overlay["file"], expected, overlay, whole=pretrained_filter_fn is not None
+        )
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
@@ -121,3 +133,5 @@ def build_model(
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
+    forget_loaded_weights(model)
+    return model

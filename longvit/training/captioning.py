@@ -11,6 +11,7 @@ checkpoint keeps (hyper-parameters and ``checkpoint["tokenizer"]``).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from longvit.models.captioner import SlideCaptioner
 from longvit.models.decoder import create_decoder
 from longvit.models.tokenizer import get_tokenizer, tokenizer_from_config
 from longvit.training.text_data import IGNORE_INDEX, SlideTextDataModule
+from longvit.weights_file import WeightsFileError, read_lightning_checkpoint
 
 
 class SlideCaptioningModule(pl.LightningModule):
@@ -151,22 +153,47 @@ class SlideCaptioningModule(pl.LightningModule):
 
 
 def load_captioner(path: str, map_location="cpu") -> SlideCaptioningModule:
-    """A trained module from a Lightning checkpoint, with the tokenizer it was trained with."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    name = ckpt.get("tokenizer", {}).get("name") or ckpt["hyper_parameters"]["tokenizer"]
-    tokenizer_from_config(ckpt.get("tokenizer", {"name": name}))  # fails early if unavailable
-    module = SlideCaptioningModule.load_from_checkpoint(
-        path, map_location=map_location, tokenizer=name
-    )
-    return module.eval()
+    """A trained module from a Lightning checkpoint, with the tokenizer it was trained with.
+
+    The checkpoint is read without running code from it (``longvit.weights_file``); the
+    module is built from its saved hyper-parameters and must take its weights exactly, else
+    ``WeightsFileError`` names the file and what differs.
+    """
+    expected = "a captioning checkpoint (SlideCaptioningModule, e.g. last.ckpt of its fit)"
+    ckpt = read_lightning_checkpoint(path, expected)
+    hparams = ckpt.get("hyper_parameters")
+    hparams = dict(hparams) if isinstance(hparams, dict) else {}
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    own_path = f"{SlideCaptioningModule.__module__}.{SlideCaptioningModule.__qualname__}"
+    init_args = set(inspect.signature(SlideCaptioningModule.__init__).parameters) - {"self"}
+    if (class_path not in (None, own_path)) or not {"encoder", "decoder"} <= set(hparams):
+        origin = class_path or f"hyper-parameters {sorted(hparams)[:8]}"
+        raise WeightsFileError(f"{path}: saved by {origin}, not by {own_path}; expected {expected}")
+    saved = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), dict) else {}
+    name = saved.get("name") or hparams.get("tokenizer", "auto")
+    tokenizer_from_config(saved or {"name": name})  # fails early if unavailable
+    try:
+        module = SlideCaptioningModule(
+            **{k: v for k, v in hparams.items() if k in init_args and k != "tokenizer"},
+            tokenizer=name,
+        )
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:  # arguments or weights that do not fit
+        raise WeightsFileError(
+            f"{path}: does not rebuild a captioner ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); expected {expected}"
+        ) from err
+    return module.to(map_location).eval()
 
 
 def cli_main(argv: list[str] | None = None, run: bool = True):
     """LightningCLI over SlideCaptioningModule and SlideTextDataModule (data.tokenizer follows
     model.tokenizer). run=False builds the objects without a subcommand."""
-    from lightning.pytorch.cli import LightningCLI
+    from longvit.training.cli import LongViTCLI  # --ckpt_path read safely, weights_only=True
 
-    class CaptioningCLI(LightningCLI):
+    class CaptioningCLI(LongViTCLI):
         def add_arguments_to_parser(self, parser):
             parser.link_arguments("model.tokenizer", "data.tokenizer")
 

@@ -16,6 +16,7 @@ import torch
 
 import longvit.models  # noqa: F401  (registers the longvit models with timm)
 from longvit.training.optim import build_optimizer, warmup_cosine_scheduler
+from longvit.weights_file import forget_loaded_weights, weights_overlay
 
 
 class SlideModule(pl.LightningModule):
@@ -25,8 +26,9 @@ class SlideModule(pl.LightningModule):
         model_name: timm model name.
         model_kwargs: extra create_model arguments (embed_dim, depth, num_heads, in_chans,
             global_pool, segment_lengths, drop_path_rate, ...).
-        pretrained_file: weights to start from (.safetensors, .pth or a Lightning .ckpt),
-            loaded through timm's ``pretrained_cfg_overlay=dict(file=...)``.
+        pretrained_file: weights to start from (.safetensors, .pth or a Lightning .ckpt), read
+            without running code from the file (``longvit.weights_file``) and loaded through
+            timm's ``pretrained_cfg_overlay``.
         lr: peak learning rate (of the head; blocks get less under layer decay).
         weight_decay: AdamW weight decay (not on norms, biases, tokens).
         layer_decay: layer-wise LR decay factor in (0, 1]; null for none.
@@ -139,5 +141,9 @@ def create_network(
                 f"model.pretrained_file {pretrained_file} does not exist (a .safetensors, "
                 f".pth or Lightning .ckpt file)"
             )
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
-    return timm.create_model(model_name, num_classes=num_classes, **kwargs)
+        expected = f"weights for {model_name!r} (model.pretrained_file)"
+        overlay = weights_overlay(pretrained_file, expected)  # read without running its code
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+    model = timm.create_model(model_name, num_classes=num_classes, **kwargs)
+    forget_loaded_weights(model)
+    return model
