@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+import torch.fx
 from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -193,14 +194,8 @@ class DilatedEncoder(nn.Module):
         # with sequence parallelism only rank 0's slot is the class token; the other ranks'
         # slots keep the shards equal and are padding (never a key, never pooled); registers
         # are refused there (set_sequence_parallel), so P = 1 then
-        p = self.num_prefix_tokens
         pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
-        if padding_mask is None and pad_slot:
-            padding_mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)[:, p:]
-        if padding_mask is not None:
-            slots = padding_mask.new_full((b, p), pad_slot)
-            padding_mask = torch.cat([slots, padding_mask], dim=1)
-        return x, padding_mask
+        return x, prefix_padding_mask(padding_mask, x, self.num_prefix_tokens, pad_slot)
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
         for blk in blocks:  # outputs kept by a forward whose backward never came
@@ -239,35 +234,14 @@ class DilatedEncoder(nn.Module):
     # ---------------------------------------------------------------- head
     def pool(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P + N, C) -> (B, C) by global_pool over the valid tokens ("" returns x)."""
-        if self.global_pool == "token":
-            if self.sp_group is None:
-                return x[:, 0]
+        if self.sp_group is not None and self.global_pool == "token":
             cls = x[:, 0] if _sp_rank(self.sp_group) == 0 else x[:, 0] * 0
             return sp_all_reduce(cls, self.sp_group)  # rank 0's class token on every rank
-        if self.global_pool == "":
-            return x
-        tokens = x[:, self.num_prefix_tokens :]
-        if padding_mask is not None and tuple(padding_mask.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"padding_mask must have shape (B, N) = {tuple(tokens.shape[:2])} (tokens "
-                f"after the {self.num_prefix_tokens} prefix token(s)), got "
-                f"{tuple(padding_mask.shape)}"
-            )
-        if self.global_pool == "avg":
-            if padding_mask is None and self.sp_group is None:
-                return tokens.mean(dim=1)
-            if padding_mask is None:
-                padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
-            valid = (~padding_mask).unsqueeze(-1)
-            total = tokens.masked_fill(~valid, 0.0).sum(dim=1)  # (B, C)
-            count = valid.sum(dim=1).to(total.dtype)  # (B, 1)
-            if self.sp_group is not None:  # sum over the shards of the sequence
-                both = sp_all_reduce(torch.cat([total, count], dim=1), self.sp_group)
-                total, count = both[:, :-1], both[:, -1:]
-            return total / count.clamp(min=1)
-        if padding_mask is None:  # max
-            return tokens.amax(dim=1)
-        return tokens.masked_fill(padding_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        if self.sp_group is not None and self.global_pool == "avg":
+            total, count = _valid_sum(x[:, self.num_prefix_tokens :], padding_mask)
+            both = sp_all_reduce(torch.cat([total, count], dim=1), self.sp_group)  # all shards
+            return both[:, :-1] / both[:, -1:].clamp(min=1)
+        return pool_tokens(x, padding_mask, self.global_pool, self.num_prefix_tokens)
 
     def forward_head(
         self,
@@ -435,12 +409,76 @@ class DilatedEncoder(nn.Module):
 
 def _attention_plan(blocks, x: torch.Tensor, mask: torch.Tensor | None):
     """The packed attention plan of the first block, which every block of the same schedule
-    takes (one plan per forward instead of one per layer), or None."""
+    takes (one plan per forward instead of one per layer), or None (also under a torch.fx
+    trace: the attentions are leaf calls there, each planning for itself)."""
+    if isinstance(x, torch.fx.Proxy):
+        return None
     for blk in blocks:
         attn = getattr(blk, "attn", None)
         if isinstance(attn, MultiheadDilatedAttention):
             return attn.packed_plan(x, mask)
     return None
+
+
+def prefix_padding_mask(
+    padding_mask: torch.Tensor | None, x: torch.Tensor, num_prefix: int, pad_slot: bool
+) -> torch.Tensor | None:
+    """The padding mask (B, P + N) of tokens x (B, P + N, C) after P prefix tokens, from the
+    tokens' mask (B, N) (None: no padding); the prefix slots are padding when pad_slot."""
+    if padding_mask is None and not pad_slot:
+        return None
+    b, n = x.shape[0], x.shape[1] - num_prefix
+    if padding_mask is None:
+        padding_mask = torch.zeros((b, n), dtype=torch.bool, device=x.device)
+    slots = padding_mask.new_full((b, num_prefix), pad_slot)
+    return torch.cat([slots, padding_mask], dim=1)
+
+
+def pool_tokens(
+    x: torch.Tensor, padding_mask: torch.Tensor | None, global_pool: str, num_prefix: int
+) -> torch.Tensor:
+    """(B, P + N, C) -> (B, C): the class token ("token"), or the mean ("avg") or maximum
+    ("max") over the valid tokens after the P prefix tokens; "" returns x.
+
+    padding_mask: (B, N) bool over the tokens after the prefix, True = padding.
+    """
+    if global_pool == "token":
+        return x[:, 0]
+    if global_pool == "":
+        return x
+    tokens = x[:, num_prefix:]
+    if global_pool == "avg":
+        if padding_mask is None:
+            return tokens.mean(dim=1)
+        total, count = _valid_sum(tokens, padding_mask)
+        return total / count.clamp(min=1)
+    if padding_mask is None:  # max
+        return tokens.amax(dim=1)
+    _check_token_padding(tokens, padding_mask)
+    return tokens.masked_fill(padding_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def _valid_sum(tokens: torch.Tensor, padding_mask: torch.Tensor | None):
+    """(sum over the valid tokens (B, C), their count (B, 1)) of tokens (B, N, C)."""
+    if padding_mask is None:
+        padding_mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    _check_token_padding(tokens, padding_mask)
+    valid = (~padding_mask).unsqueeze(-1)
+    total = tokens.masked_fill(~valid, 0.0).sum(dim=1)  # (B, C)
+    return total, valid.sum(dim=1).to(total.dtype)  # (B, 1)
+
+
+def _check_token_padding(tokens: torch.Tensor, padding_mask: torch.Tensor) -> None:
+    if tuple(padding_mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(
+            f"padding_mask must have shape (B, N) = {tuple(tokens.shape[:2])} (the tokens "
+            f"after the prefix token(s)), got {tuple(padding_mask.shape)}"
+        )
+
+
+# torch.fx records these as one call each (their branches depend on optional inputs)
+torch.fx.wrap("prefix_padding_mask")
+torch.fx.wrap("pool_tokens")
 
 
 def _sp_rank(group) -> int:

@@ -14,13 +14,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
 from longvit.autocast import autocast_dtype
+
+# torch.fx (timm's FX feature extraction, torchvision's create_feature_extractor) keeps these
+# as one call each: the attention runs a schedule that depends on the input's length, the
+# patch embedding checks the image, the norm reads autocast's state
+register_notrace_module(MultiheadDilatedAttention)
 
 
 class Block(nn.Module):
@@ -113,6 +118,7 @@ class Block(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+@register_notrace_module
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a Conv2d with kernel = stride = patch_size.
 
@@ -219,6 +225,7 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1)
 
 
+@register_notrace_module
 class LinearInputNorm(nn.LayerNorm):
     """A LayerNorm whose output feeds a Linear: under autocast it keeps nothing in float32.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -114,10 +115,7 @@ class LongViT(DilatedEncoder):
         grid = self.patch_embed.grid_size(x.shape[2], x.shape[3])
         pos = resample_pos_embed(self.pos_embed, self.pos_grid, grid, self.pos_embed_antialias)
         tokens = tokens + pos.to(tokens.dtype)
-        if token_mask is None:
-            return tokens, None, grid
-        keep = _check_token_mask(token_mask, x.shape[0], grid, x.shape)
-        tokens, padding_mask = pack_tokens(tokens, keep.reshape(x.shape[0], -1))
+        tokens, padding_mask = keep_tokens(tokens, token_mask, grid, x.shape)
         return tokens, padding_mask, grid
 
     def _embed_patches(
@@ -294,6 +292,24 @@ def pack_tokens(
     if not bool(padding_mask.any()):
         return packed, None
     return packed.masked_fill(padding_mask.unsqueeze(-1), 0.0), padding_mask
+
+
+def keep_tokens(
+    tokens: torch.Tensor, token_mask: torch.Tensor | None, grid: tuple[int, int], image_shape
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens (B, rows * cols, D) of an image -> (those token_mask keeps, packed, padding
+    mask) as pack_tokens; token_mask None keeps all (no padding mask)."""
+    if token_mask is None:
+        return tokens, None
+    b = image_shape[0]
+    keep = _check_token_mask(token_mask, b, grid, image_shape)
+    return pack_tokens(tokens, keep.reshape(b, -1))
+
+
+# torch.fx records these as one call each (their branches depend on the input's size and on
+# the optional token_mask)
+torch.fx.wrap("resample_pos_embed")
+torch.fx.wrap("keep_tokens")
 
 
 def token_grid_positions(grid: tuple[int, int], device=None) -> torch.Tensor:

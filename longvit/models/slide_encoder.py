@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.fx
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
@@ -98,44 +99,6 @@ class LongViTSlideEncoder(DilatedEncoder):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "reg_token"}
 
-    # ---------------------------------------------------------------- inputs
-    def _to_sequence(self, x, tile_grid, padding_mask, coords_level0, tile_size_level0):
-        """Either input form -> (features (B, N, D_in), positions (B, N, 2), mask, grid or None)."""
-        if x.dim() == 4:
-            b, d, h, w = x.shape
-            if d != self.in_chans:
-                raise ValueError(
-                    f"expected a feature grid of shape (B, {self.in_chans}, H, W), got "
-                    f"{tuple(x.shape)}"
-                )
-            if tile_grid is not None or coords_level0 is not None:
-                given = tile_grid if tile_grid is not None else coords_level0
-                raise ValueError(
-                    f"tile_grid and coords_level0 must be None for a feature grid (B, D, H, W) "
-                    f"(its positions are the grid's), got a tensor of shape {tuple(given.shape)}"
-                )
-            feats = x.flatten(2).transpose(1, 2)  # row-major (B, H * W, D)
-            grid = grid_positions(h, w, device=x.device).unsqueeze(0).expand(b, -1, -1)
-            if padding_mask is not None and tuple(padding_mask.shape) == (b, h, w):
-                padding_mask = padding_mask.reshape(b, h * w)
-            _check_mask(padding_mask, b, h * w)
-            positions = tile_positions(
-                grid, None, None, padding_mask, (b, h * w), grid_size=self.pos_grid_size
-            )
-            return feats, positions, padding_mask, (h, w)
-        if x.dim() != 3 or x.shape[-1] != self.in_chans:
-            raise ValueError(
-                f"expected features of shape (B, N, {self.in_chans}) with tile_grid (B, N, 2), "
-                f"or a grid (B, {self.in_chans}, H, W); got {tuple(x.shape)}"
-            )
-        b, n = x.shape[:2]
-        _check_mask(padding_mask, b, n)
-        positions = tile_positions(
-            tile_grid, coords_level0, tile_size_level0, padding_mask, (b, n),
-            grid_size=self.pos_grid_size,
-        )  # fmt: skip
-        return x, positions, padding_mask, None
-
     def position_embedding(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) checked tile positions -> (B, N, C) float32 position embedding."""
         if self.pos_embed_type == "gigapath":
@@ -152,14 +115,13 @@ class LongViTSlideEncoder(DilatedEncoder):
         tile_size_level0: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
         """Projected features + position embedding: (tokens (B, N, C), padding_mask, grid)."""
-        feats, positions, padding_mask, grid = self._to_sequence(
-            x, tile_grid, padding_mask, coords_level0, tile_size_level0
-        )
+        feats, positions, padding_mask, grid = feature_sequence(
+            x, tile_grid, padding_mask, coords_level0, tile_size_level0, self.in_chans,
+            self.pos_grid_size,
+        )  # fmt: skip
         tokens = self.feature_proj(feats)
         tokens = tokens + self.position_embedding(positions).to(tokens.dtype)
-        if padding_mask is not None:
-            tokens = tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return tokens, padding_mask, grid
+        return zero_padding(tokens, padding_mask), padding_mask, grid
 
     # --------------------------------------------------------------- forward
     def forward_features(
@@ -249,6 +211,58 @@ class LongViTSlideEncoder(DilatedEncoder):
         return self._intermediates(
             tokens, padding_mask, indices, norm, stop_early, intermediates_only, to_output
         )
+
+
+def feature_sequence(
+    x, tile_grid, padding_mask, coords_level0, tile_size_level0, in_chans: int, pos_grid_size
+):
+    """Either input form -> (features (B, N, D_in), positions (B, N, 2), mask, grid or None)."""
+    if x.dim() == 4:
+        b, d, h, w = x.shape
+        if d != in_chans:
+            raise ValueError(
+                f"expected a feature grid of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        if tile_grid is not None or coords_level0 is not None:
+            given = tile_grid if tile_grid is not None else coords_level0
+            raise ValueError(
+                f"tile_grid and coords_level0 must be None for a feature grid (B, D, H, W) "
+                f"(its positions are the grid's), got a tensor of shape {tuple(given.shape)}"
+            )
+        feats = x.flatten(2).transpose(1, 2)  # row-major (B, H * W, D)
+        grid = grid_positions(h, w, device=x.device).unsqueeze(0).expand(b, -1, -1)
+        if padding_mask is not None and tuple(padding_mask.shape) == (b, h, w):
+            padding_mask = padding_mask.reshape(b, h * w)
+        _check_mask(padding_mask, b, h * w)
+        positions = tile_positions(
+            grid, None, None, padding_mask, (b, h * w), grid_size=pos_grid_size
+        )
+        return feats, positions, padding_mask, (h, w)
+    if x.dim() != 3 or x.shape[-1] != in_chans:
+        raise ValueError(
+            f"expected features of shape (B, N, {in_chans}) with tile_grid (B, N, 2), "
+            f"or a grid (B, {in_chans}, H, W); got {tuple(x.shape)}"
+        )
+    b, n = x.shape[:2]
+    _check_mask(padding_mask, b, n)
+    positions = tile_positions(
+        tile_grid, coords_level0, tile_size_level0, padding_mask, (b, n),
+        grid_size=pos_grid_size,
+    )  # fmt: skip
+    return x, positions, padding_mask, None
+
+
+def zero_padding(tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens (B, N, C) with the padded ones (padding_mask (B, N) True) set to 0."""
+    if padding_mask is None:
+        return tokens
+    return tokens.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+
+
+# torch.fx records these as one call each (their branches depend on the input's form and on
+# the optional positions and padding mask)
+torch.fx.wrap("feature_sequence")
+torch.fx.wrap("zero_padding")
 
 
 def _check_mask(padding_mask, b: int, n: int) -> None:
