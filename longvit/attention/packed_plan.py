@@ -85,7 +85,7 @@ class PackedPlan:
         """Whether this plan is the one ``build_plan(..., owner=owner)`` gives these inputs."""
         mask = None if key_padding_mask is None else id(key_padding_mask)
         return (
-            self.key[0] == batch and self.key[1] == tokens and self.key[5] == mask
+            self.batch == batch and self.tokens == tokens and self.key[5] == mask
             and self.owner == owner
         )  # fmt: skip
 
