@@ -6,7 +6,7 @@
 #   bash tools/fa4_wheels.sh
 # Then on the GPU machine, two calls in a row (the machine stays warm 30 s between them):
 #   1. carry [".fa4a"]:          mkdir -p /tmp/fa4parts && cp .fa4a/* /tmp/fa4parts/
-#   2. carry [".fa4b", ".whl"]:  bash tools/gpu_session.sh fa4 tests attention
+#   2. carry [".fa4b", ".whl"]:  bash tools/gpu_bench.sh fa4 tests attention
 set -euo pipefail
 FA4=${FA4:-4.0.0b36}
 DSL=${DSL:-4.8.1}

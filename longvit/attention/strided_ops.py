@@ -330,7 +330,7 @@ class MergeEntry(NamedTuple):
 @functools.cache
 def _merge_all_kernel():
     """merge_all_kernel, or None when Triton cannot be imported. Apart from ``_kernels()``,
-    whose pair callers (tools/probe_kernels.py, tests) unpack or stand in for."""
+    whose pair callers (tests) unpack or stand in for."""
     if _kernels() is None:
         return None
     from longvit.attention import _strided_kernels as k

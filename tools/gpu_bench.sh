@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # GPU-machine runs in stages, so a whole benchmark set goes into a few calls.
 # Usage (on the GPU machine, repository root; each stage prints its table and writes JSON):
-#   bash tools/gpu_session.sh tests attention model      # about 8 minutes
-#   bash tools/gpu_session.sh extract slide_task         # about 7 minutes (carry .whl)
-#   bash tools/gpu_session.sh extract_gigapath           # about 8 minutes (carry .whl)
-#   ENCODERS="gigapath uni" SETTINGS="bf16-true+compile" bash tools/gpu_session.sh presets
-#   bash tools/gpu_session.sh decoder                    # about 4 minutes
+#   bash tools/gpu_bench.sh tests attention model      # about 8 minutes
+#   bash tools/gpu_bench.sh extract slide_task         # about 7 minutes (carry .whl)
+#   bash tools/gpu_bench.sh extract_gigapath           # about 8 minutes (carry .whl)
+#   ENCODERS="gigapath uni" SETTINGS="bf16-true+compile" bash tools/gpu_bench.sh presets
+#   bash tools/gpu_bench.sh decoder                    # about 4 minutes
 # Stages: fa4 (install FlashAttention-4 from carried wheels: tools/fa4_wheels.sh; first),
-# fa4_tests, host, bench65k, merge_tests, bench, tests, attention, model, model_4m, probe (step, norms, preprocess),
-# preprocess, op, extract, extract_gigapath, presets, slide_task, decoder. Results go to $OUT
+# fa4_tests, bench65k, merge_tests, bench, tests, attention, model, model_4m, slide, gigapath,
+# extract, extract_gigapath, presets, slide_task, decoder. Results go to $OUT
 # (the device tool's output folder) or bench_results/.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
@@ -56,13 +56,11 @@ for stage in "${stages[@]}"; do
     model_4m)
         python tools/bench_model.py --tokens 4194304 --steps 1 --no-find-max --offload \
             --patches-on-host --mlp-chunk 65536 --out "$OUT/model_4m.json" 2>&1 | grep -v Warning ;;
-    probe)
-        python tools/probe_kernels.py step norms preprocess --tokens 1048576 --keep-attention ;;
-    preprocess)
-        wheels
-        python tools/probe_kernels.py preprocess overhead ;;
-    op)
-        python tools/probe_kernels.py overhead strided ;;
+    slide)  # longvit_slide_base against a dense transformer, 1K-65K tiles, and a cohort pass
+        python tools/bench_slide_encoder.py --out "$OUT/slide_encoder.jsonl" 2>&1 | grep -v Warning ;;
+    gigapath)  # Prov-GigaPath's own slide encoder beside longvit's (GIGAPATH_CODE: their checkout)
+        python tools/bench_gigapath.py --gigapath-code "${GIGAPATH_CODE:?set GIGAPATH_CODE}" \
+            --tiles 1000 10000 65000 2>&1 | grep -v Warning ;;
     extract)
         wheels
         python tools/bench_extract.py --slides 16 --slide-size 24000 --repeats 2 --workers 15 \
@@ -93,22 +91,9 @@ for stage in "${stages[@]}"; do
         python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
             tests/test_attention_in_place.py tests/test_fa4_launch.py > "$OUT/fa4_tests.txt" 2>&1
         tail -15 "$OUT/fa4_tests.txt" ;;
-    host)  # the op's host time at 65K (FA4's launches replayed), and the 65K benchmark row
-        python tools/probe_kernels.py host 2>&1 | grep -v Warning | tee "$OUT/host.txt"
+    bench65k)  # the 65K row
         python tools/bench_attention.py --configs longvit8192_d768 --warmup 5 --iters 20 \
-            --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -8 ;;
-    bench65k)  # the 65K row by the rule, then with every call read in place (the rule's other side)
-        python tools/bench_attention.py --configs longvit8192_d768 --warmup 5 --iters 20 \
-            --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -3
-        python - "$OUT/attention_65k_in_place.json" <<'PY' 2>&1 | grep -v Warning | tail -3
-import runpy, sys
-from longvit.attention import dilated
-dilated.IN_PLACE_ELEMENTS_PER_CALL = 0  # every call read in place
-sys.argv = ["bench_attention.py", "--configs", "longvit8192_d768", "--warmup", "5", "--iters",
-            "20", "--out", sys.argv[1]]
-runpy.run_path("tools/bench_attention.py", run_name="__main__")
-PY
-        ;;
+            --out "$OUT/attention_65k.json" 2>&1 | grep -v Warning | tail -3 ;;
     merge_tests)  # merge_all and the strided kernels compiled (no FA4 needed)
         python -m pytest -q -p no:cacheprovider tests/test_merge_all.py tests/test_strided_ops.py \
             2>&1 | tail -3 ;;
