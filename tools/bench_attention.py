@@ -14,12 +14,8 @@ CPU: a small table (the op against dense SDPA at the same N).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,8 +30,8 @@ from longvit.attention import (  # noqa: E402
 )
 from longvit.attention.backends import BACKENDS, resolve_backend  # noqa: E402
 from longvit.attention.layout import BranchLayout  # noqa: E402
+from tools.harness import gpu_seconds, machine, median_seconds, peak_gib, reset_peak, write_json  # noqa: E402
 
-GIB = 2**30
 RATES5 = [1, 2, 4, 8, 16]
 CONFIGS = {
     "longvit32768_d768": (768, 12, 1048576, [1024, 4096, 32768, 262144, 1048576], RATES5),
@@ -60,28 +56,13 @@ ANCHORS = {
 }
 
 
-def cuda_time(fn, warmup: int, iters: int) -> float:
-    """Median seconds of fn() on the GPU."""
-    for _ in range(warmup):
-        fn()
+def peak_of(fn) -> float:
+    """Peak GiB of one call of fn on the GPU."""
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return statistics.median(times)
-
-
-def peak_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak("cuda")
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB
+    return peak_gib("cuda")
 
 
 def bench_layer(dim, heads, n, ws, rs, backend, warmup, iters):
@@ -95,8 +76,8 @@ def bench_layer(dim, heads, n, ws, rs, backend, warmup, iters):
         layer.zero_grad(set_to_none=True)
         layer(x).backward(gy)
 
-    t = cuda_time(step, warmup, iters)
-    mem = peak_gib(step)
+    t = gpu_seconds(step, warmup, iters)
+    mem = peak_of(step)
     return t, mem
 
 
@@ -112,8 +93,8 @@ def bench_op(heads, head_dim, n, ws, rs, backend, warmup, iters):
         out = dilated_attention(q, k, v, ws, rs, backend=backend)
         torch.autograd.grad(out, (q, k, v), go)
 
-    t = cuda_time(step, warmup, iters)
-    mem = peak_gib(step)
+    t = gpu_seconds(step, warmup, iters)
+    mem = peak_of(step)
     return t, mem
 
 
@@ -134,7 +115,7 @@ def bench_kernel_only(heads, head_dim, n, ws, rs, backend_name, warmup, iters):
             out, lse, st = backend.forward(q, k, v, None, False, 0.0, scale)
             backend.backward(do, q, k, v, out, lse, None, False, 0.0, scale, st)
 
-    t = cuda_time(step, warmup, iters)
+    t = gpu_seconds(step, warmup, iters)
     return t
 
 
@@ -178,7 +159,7 @@ def cpu_table(iters: int = 3):
     torch.manual_seed(0)
     heads, hd = 6, 64
     rows = []
-    print(f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads),"
+    print(f"CPU ({machine('cpu')['device']}, {torch.get_num_threads()} threads),"
           f" float32, {heads} heads x {hd}, forward+backward")  # fmt: skip
     print(
         f"{'tokens':>8}  {'segments':<34} {'dilated (s)':>11} {'dense SDPA (s)':>14} "
@@ -195,20 +176,10 @@ def cpu_table(iters: int = 3):
             F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2)).sum().backward()  # fmt: skip
 
-        td, tf = wall_time(dilated, iters), wall_time(dense, iters)
+        td, tf = (median_seconds(f, "cpu", warmup=1, iters=iters) for f in (dilated, dense))
         rows.append({"tokens": n, "segments": ws, "dilated_s": td, "dense_s": tf})
         print(f"{n:>8,}  {str(ws):<34} {td:>11.4f} {tf:>14.4f} {tf / td:>7.1f}x", flush=True)
     return rows
-
-
-def wall_time(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -223,7 +194,7 @@ def main(argv=None):
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    result = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    result = machine("cuda" if torch.cuda.is_available() else "cpu")
     if not args.cpu_only and torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
         print(f"GPU: {result['device']}, torch {torch.__version__}, bf16, batch 1, fwd+bwd")
@@ -231,10 +202,7 @@ def main(argv=None):
     elif not args.cpu_only:
         print("no CUDA device: GPU table skipped")
     result["cpu"] = cpu_table()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

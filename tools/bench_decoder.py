@@ -36,9 +36,7 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import statistics
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -52,6 +50,7 @@ from longvit.models.decoder import (
     create_decoder,
 )
 from longvit.op_count import CountOps
+from tools.harness import machine, peak_gib, reset_peak, sync, write_json
 
 GIB = 2**30
 SIZES = {"base": "longnet_decoder_base", "small": "longnet_decoder_small", "tiny": "tiny"}
@@ -79,22 +78,6 @@ def build(args, size: str, attention: str, context: int) -> LongNetDecoder:
     else:
         model = create_decoder(SIZES[size], vocab_size=args.vocab, **kwargs)
     return model.to(args.device)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None
-
-
-def reset_peak(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def autocast(args):
@@ -326,12 +309,9 @@ def main(argv=None) -> int:
         print_probe(probe)
         rows += probe
     if args.out:
-        meta = dict(torch=torch.__version__, python=sys.version.split()[0],
-                    platform=platform.platform(), device=args.device,
-                    gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-                    pos_embed=args.pos_embed,
+        meta = dict(machine(args.device), pos_embed=args.pos_embed,
                     dtype="bfloat16" if args.autocast else "float32")  # fmt: skip
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(args.out, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -64,6 +64,7 @@ from longvit.extract import (  # noqa: E402
 from longvit.extract.job import find_tile_files, plan_extraction  # noqa: E402
 from longvit.extract.lightning import tile_loader  # noqa: E402
 from longvit.slides import Slide, TileSettings, tile_slide  # noqa: E402
+from tools.harness import write_json  # noqa: E402
 
 
 def reads_directly(slide_path: Path) -> bool:
@@ -364,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{e2e['steady_tiles_per_s']:,.0f} ({row['steady_over_model_only']:.2f}) | "
               f"{e2e['wall_tiles_per_s']:,.0f} ({row['wall_over_model_only']:.2f}) |")  # fmt: skip
     print("(in brackets: over model only; targets: steady >= 0.95, wall >= 0.85)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -29,35 +29,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 
 import timm
 import torch
 
 import longvit  # noqa: F401
 from longvit.models.gigapath import gigapath_checkpoint_filter_fn
-
-
-def bench(fn, warmup: int = 2, iters: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from tools.harness import median_seconds, peak_gib, reset_peak
 
 
 def peak(fn) -> tuple[float, float, torch.Tensor]:
     """(median seconds, peak GiB, output) of an inference call."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    seconds = bench(fn)
+    reset_peak("cuda")
+    seconds = median_seconds(fn, "cuda")
     out = fn()
-    return seconds, torch.cuda.max_memory_allocated() / 2**30, out
+    return seconds, peak_gib("cuda"), out
 
 
 def main() -> None:

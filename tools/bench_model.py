@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import longvit  # noqa: F401  (registers the models)
+from tools.harness import sync, write_json
 
 GIB = 2**30
 TARGET_1M_STEP_S = 6.0
@@ -128,11 +128,6 @@ def train_step(model, opt, inputs, dtype, device, on_phase=None):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def free(device):
@@ -296,10 +291,7 @@ def main(argv=None) -> int:
             met_max=None if max_tokens is None else max_tokens >= TARGET_MAX_TOKENS,
         ),
     )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0 if all(r["ok"] for r in runs) else 1
 
 

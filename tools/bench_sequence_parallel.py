@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longvit.attention import MultiheadDilatedAttention, shard_sequence  # noqa: E402
 from longvit.attention import sequence_parallel as sp  # noqa: E402
+from tools.harness import write_json  # noqa: E402
 
 GIB = 2**30
 
@@ -215,9 +216,8 @@ def main(argv=None):
         result["model_step"] = row
         if rank == 0:
             print(f"[{world} GPUs] model step " + json.dumps(row), flush=True)
-    if rank == 0 and args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    if rank == 0:
+        write_json(args.out, result)
     dist.destroy_process_group()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 
 import timm
@@ -25,24 +24,7 @@ import torch
 from torch import nn
 
 import longvit  # noqa: F401  (registers the models)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from tools.harness import median_seconds, sync
 
 
 def kernels_per_layer(fn, depth: int) -> float:
@@ -96,6 +78,13 @@ def main(argv=None) -> int:
         default=[],
         help="tile counts whose inference forward is profiled (top kernels)",
     )
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        nargs="*",
+        default=[],
+        help="tile counts whose host (Python) time is profiled over 5 forwards (cProfile)",
+    )
     args = ap.parse_args(argv)
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -105,11 +94,11 @@ def main(argv=None) -> int:
     depth = len(lv.blocks)
 
     def infer(model, x, c):
-        with torch.no_grad(), torch.autocast(dev, dtype):
+        with torch.no_grad(), torch.autocast(dev, dtype, enabled=dev == "cuda"):
             return model(x, c)
 
     def step(model, x, c):
-        with torch.autocast(dev, dtype):
+        with torch.autocast(dev, dtype, enabled=dev == "cuda"):
             model(x, c).float().sum().backward()
 
     rows = []
@@ -133,7 +122,7 @@ def main(argv=None) -> int:
     for n in args.sizes:
         xc = inputs(n, dev)
         row = dict(tiles=n)
-        ms = lambda fn: 1e3 * median_time(fn, dev, 2, args.iters)  # noqa: E731
+        ms = lambda fn: 1e3 * median_seconds(fn, dev, 2, args.iters)  # noqa: E731
         row["longvit_infer_ms"] = ms(lambda: infer(lv, *xc))  # noqa: B023
         row["longvit_train_ms"] = ms(lambda: step(lv, *xc))  # noqa: B023
         if dev == "cuda":

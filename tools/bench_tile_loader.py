@@ -24,7 +24,6 @@ in file order, as the extractor then did).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import longvit.extract.dataset as extract_dataset  # noqa: E402
 from longvit.extract.job import find_tile_files, plan_extraction  # noqa: E402
 from longvit.slides import TileSettings, tile_slide  # noqa: E402
+from tools.harness import write_json  # noqa: E402
 
 
 def prepare(workdir: Path, args, compression: str) -> Path:
@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
