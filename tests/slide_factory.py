@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+from longvit.slides.pyramid_writer import aperio_description, write_pyramid
 
 BACKGROUND = np.array([242, 242, 240], np.float32)
 TISSUE = np.array([205, 120, 175], np.float32)
@@ -101,13 +103,6 @@ def _pillow_jpeg_encode(data, level=None, colorspace=None, outcolorspace=None, s
     return buffer.getvalue()
 
 
-def _tiles(spec: SlideSpec, downsample: int, tile: int) -> Iterator[np.ndarray]:
-    lw, lh = -(-spec.width // downsample), -(-spec.height // downsample)
-    for ty in range(0, lh, tile):
-        for tx in range(0, lw, tile):
-            yield render(spec, tx, ty, tile, tile, downsample)
-
-
 def write_slide(
     path: str | os.PathLike,
     width: int,
@@ -139,34 +134,16 @@ def write_slide(
     resolution: dict = {}
     if mpp_style == "aperio" and (mpp is not None or magnification is not None):
         mag = magnification if magnification is not None else 10.0 / mpp
-        description = (
-            f"Aperio Image Library v12.0.0\n{width}x{height} [0,0 {width}x{height}] "
-            f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {mag:g}"
-        ) + (f"|MPP = {mpp:g}" if mpp is not None else "")
+        description = aperio_description(width, height, tile, quality, mag, mpp)
     elif mpp is not None and mpp_style == "tiff":
         resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     elif mpp is not None:
         raise ValueError(f"mpp_style must be 'aperio' or 'tiff', got {mpp_style!r}")
-    options = {"compression": compression} if compression else {}
     if compression == "jpeg":
         jpeg_encoder()
-        options["compressionargs"] = {"level": quality}
-    bigtiff = width * height * 3 * 1.4 > 2**31
-    with tifffile.TiffWriter(path, bigtiff=bigtiff) as writer:
-        for index, downsample in enumerate(levels):
-            lw, lh = -(-width // downsample), -(-height // downsample)
-            writer.write(
-                _tiles(spec, downsample, tile),
-                shape=(lh, lw, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                subfiletype=1 if index else 0,
-                description=description,
-                metadata=None,
-                **resolution,
-                **options,
-            )
+    write_pyramid(path, width, height, spec.render, levels=levels, tile=tile,
+                  description=description, compression=compression, quality=quality,
+                  resolution=resolution)  # fmt: skip
     return spec
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
+
+from longvit.slides.pyramid_writer import aperio_description, write_pyramid
 
 BACKGROUND = np.array([242, 242, 240], np.float32)
 TISSUE = np.array([214, 140, 185], np.float32)
@@ -99,41 +99,13 @@ def random_slide(rng: np.random.Generator, width: int, height: int, mpp: float, 
     return SyntheticSlide(width, height, mpp, tuple(blobs), rare, seed)
 
 
-def _tiles(slide: SyntheticSlide, downsample: int, tile: int) -> Iterator[np.ndarray]:
-    lw, lh = -(-slide.width // downsample), -(-slide.height // downsample)
-    for ty in range(0, lh, tile):
-        for tx in range(0, lw, tile):
-            yield slide.render(tx, ty, tile, tile, downsample)
-
-
 def write_slide(path: str | os.PathLike, slide: SyntheticSlide, tile: int = 256,
                 levels: tuple[int, ...] = (1, 4, 16)) -> Path:  # fmt: skip
     """Write ``slide`` as a JPEG-compressed pyramidal TIFF OpenSlide opens (Aperio MPP)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    description = (
-        f"Aperio Image Library v12.0.0\n{slide.width}x{slide.height} [0,0 {slide.width}x"
-        f"{slide.height}] ({tile}x{tile}) JPEG/RGB Q=90|AppMag = {10 / slide.mpp:g}"
-        f"|MPP = {slide.mpp:g}"
-    )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tifffile.TiffWriter(tmp) as writer:
-        for index, downsample in enumerate(levels):
-            lw, lh = -(-slide.width // downsample), -(-slide.height // downsample)
-            writer.write(
-                _tiles(slide, downsample, tile),
-                shape=(lh, lw, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                subfiletype=1 if index else 0,
-                description=description,
-                metadata=None,
-                compression="jpeg",
-                compressionargs={"level": 90},
-            )
-    os.replace(tmp, path)
-    return path
+    description = aperio_description(slide.width, slide.height, tile, 90, 10 / slide.mpp,
+                                     slide.mpp)  # fmt: skip
+    return write_pyramid(path, slide.width, slide.height, slide.render, levels=levels, tile=tile,
+                         description=description)  # fmt: skip
 
 
 def write_cohort(
