@@ -23,7 +23,7 @@ until ``--max-minutes`` and stops with a checkpoint; the next call resumes, so t
 span several calls. It prints the table once both models are evaluated.
 
     PYTHONPATH=. python tools/bench_lm_table.py --run-dir runs/lm_table --max-minutes 9
-    PYTHONPATH=. python tools/bench_lm_table.py --smoke --run-dir /tmp/lm_smoke   # CPU, ~1 min
+    PYTHONPATH=. python tools/bench_lm_table.py --smoke --run-dir /tmp/lm_smoke   # CPU, ~2 min
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="tiny CPU run: bytes, 2 x 64 model, contexts 64 / 256, this repository's "
-        "longvit/ sources, 300K tokens",
+        "longvit/ sources, 120K tokens",
     )
     args = p.parse_args(argv)
     if args.smoke:
@@ -90,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tokenizer, args.test_fraction = "byte", 0.15
         args.longnet_context, args.dense_context, args.contexts = 256, 64, [64, 256]
         args.embed_dim, args.depth, args.heads = 64, 2, 4
-        args.step_tokens = args.micro_tokens = 4096
-        args.train_tokens = args.train_tokens or 300_000
+        args.step_tokens = args.micro_tokens = 2048
+        args.train_tokens = args.train_tokens or 120_000
         args.eval_tokens, args.lr = 1 << 16, 3e-3
     return args
 
@@ -165,6 +165,8 @@ def measure_tokens_per_second(plan: dict, device: str) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     del module, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return plan["step_tokens"] / (sum(times[2:]) / len(times[2:]))
 
 
