@@ -31,6 +31,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "predict",
         "per-slide predictions CSV and heatmaps",
     ),
+    "lm-eval": (
+        "longvit.training.lm_eval_command",
+        "main",
+        "perplexity of a language-model checkpoint at several contexts (held-out files)",
+    ),
     "demo": (
         "longvit.demo.pipeline",
         "main",

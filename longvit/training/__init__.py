@@ -10,6 +10,8 @@
 - ``optim``: layer-wise LR decay (timm) with warmup + cosine.
 - ``heatmap`` / ``prediction_writer``: per-tile importance and the predict outputs.
 - ``cli``: ``longvit fit | validate | test | predict`` (LightningCLI).
+- ``causal_lm`` / ``corpus_data`` / ``code_corpus`` / ``perplexity``: a LongNet language
+  model on a folder of source files (``CausalLM``, ``CodeCorpus``) and ``longvit lm-eval``.
 - ``captioning`` / ``text_data``: slide-to-report generation; ``sequence_parallel``: the
   Lightning strategy sharding a slide's tokens over GPUs.
 
@@ -17,7 +19,9 @@ Importing this package imports Lightning; ``longvit.attention`` and ``longvit.mo
 import it.
 """
 
+from longvit.training.causal_lm import CausalLM
 from longvit.training.classification import SlideClassifier
+from longvit.training.corpus_data import CodeCorpus
 from longvit.training.dino import CropDataModule, SlideDINO
 from longvit.training.feature_data import FeatureDataModule, FeatureSlideDataset
 from longvit.training.mae import SlideMAE
@@ -28,6 +32,8 @@ from longvit.training.slide_module import SlideModule
 from longvit.training.survival import SlideSurvival
 
 __all__ = [
+    "CausalLM",
+    "CodeCorpus",
     "CropDataModule",
     "FeatureDataModule",
     "FeatureSlideDataset",
