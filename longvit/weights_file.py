@@ -156,14 +156,33 @@ def _read_torch_file(path: Path, expected: str) -> dict:
                 "model.state_dict() (tensors only) or as .safetensors"
             ) from err
         raise WeightsFileError(
-            f"{path}: not a PyTorch weights file ({_unpickler_detail(err)}); expected {expected}"
+            f"{path}: not a PyTorch weights file ({_unpickler_detail(err)}); expected "
+            f"{expected}. Pass a .safetensors file or one written by torch.save (.pth, .pt, "
+            ".bin, .ckpt)"
         ) from err
     except Exception as err:  # junk: IndexError, EOFError, RuntimeError (bad zip), ...
-        what = "a damaged torch.save zip file" if is_zip else "not a PyTorch or safetensors file"
+        # the unpickler's own words ("pop from empty list") say nothing about the file
+        if is_zip:
+            what = "a damaged torch.save zip file (copy it again)"
+        else:
+            what = f"not a weights file: {_looks_like(path)}"
         raise WeightsFileError(
-            f"{path}: {what} ({type(err).__name__}: {_first_line(err) or 'no detail'}); "
-            f"expected {expected}"
+            f"{path}: {what}; expected {expected}. Pass a .safetensors file or one written by "
+            "torch.save (.pth, .pt, .bin, .ckpt)"
         ) from err
+
+
+def _looks_like(path: Path) -> str:
+    """What a file that is not weights seems to be, from its first bytes (for messages)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its bytes are neither a pickle nor a zip nor safetensors"
+    first = text.splitlines()[0][:60] if text.strip() else ""
+    kind = "a CSV table" if "," in first or "\t" in first else "a text file"
+    return f"it is {kind} (first line {first!r})"
 
 
 def _allowed_globals():

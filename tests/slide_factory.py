@@ -164,3 +164,28 @@ def truncate(path: str | os.PathLike, keep_fraction: float = 0.5) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(int(size * keep_fraction))
+
+
+def zero_region(
+    path: str | os.PathLike, region: tuple[float, float, float, float] = (0.3, 0.3, 0.7, 0.7)
+) -> int:
+    """Zero the compressed bytes of every tile, on every page, that meets ``region`` (x0, y0, x1,
+    y1 as fractions of the slide's width and height): a copy whose middle was lost. Returns
+    how many tiles were zeroed."""
+    zeroed = []
+    with tifffile.TiffFile(path) as tif:
+        for page in tif.pages:
+            h, w = page.shape[:2]
+            th, tw = page.tilelength, page.tilewidth
+            across = -(-w // tw)
+            c0, c1 = int(region[0] * w) // tw, -(-int(region[2] * w) // tw)
+            r0, r1 = int(region[1] * h) // th, -(-int(region[3] * h) // th)
+            for r in range(r0, r1):
+                for c in range(c0, c1):
+                    i = r * across + c
+                    zeroed.append((page.dataoffsets[i], page.databytecounts[i]))
+    with open(path, "r+b") as f:
+        for offset, count in zeroed:
+            f.seek(offset)
+            f.write(bytes(count))
+    return len(zeroed)

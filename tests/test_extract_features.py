@@ -214,8 +214,12 @@ def test_corrupt_region_and_missing_slide_reported(tiled, vit_weights, tmp_path,
     gone = next(line for line in report.splitlines() if "gone.tif" in line)
     assert gone.startswith("failed") and "no such file" in gone
     corrupt = next(line for line in report.splitlines() if "corrupt.tif" in line)
-    assert corrupt.startswith("done") and "16 of 32 tiles unreadable" in corrupt
-    assert "4 done, 0 skipped as already complete, 1 failed" in report
+    # half its tiles unreadable: above --max-failed-fraction 0.05, failed, readable ones kept
+    assert corrupt.startswith("failed") and "16 of 32 tiles (50.0%) unreadable" in corrupt
+    assert "--max-failed-fraction 0.05" in corrupt
+    assert "3 done, 0 skipped as already complete, 2 failed; 1 with warnings" in report
+    tiny_row = next(line for line in report.splitlines() if "tiny.tif" in line)
+    assert tiny_row.startswith("done (warning)") and "no tiles" in tiny_row
     tiny = read_features_h5(out / "tiny.h5")  # no tiles: an empty, complete file
     assert tiny.features.shape == (0, 192) and tiny.features_attrs["complete"]
     with h5py.File(out / "corrupt.h5") as f:
@@ -228,6 +232,19 @@ def test_corrupt_region_and_missing_slide_reported(tiled, vit_weights, tmp_path,
         assert np.isfinite(f["features"][()]).all()
     assert not (out / "gone.h5").exists()
     assert read_features_h5(out / "a.h5").features.shape == (48, 192)
+
+    # a rerun judges the kept files again: a higher threshold accepts them with a warning,
+    # --strict turns every warning into a failure
+    rerun = ["extract", "--model", VIT, "--weights", str(vit_weights), "--model-kwargs",
+             '{"img_size": 64}', "--tiles", *(str(tiled / "tiles" / "patches" / f"{n}.h5")
+             for n in ("a", "corrupt", "tiny")), "--out", str(out), "--accelerator", "cpu",
+             "--no-progress", "--max-failed-fraction", "0.6"]  # fmt: skip
+    assert longvit_main(rerun) == 0
+    report = capsys.readouterr().out
+    assert "0 done, 3 skipped as already complete, 0 failed; 2 with warnings" in report
+    assert longvit_main([*rerun, "--strict"]) == 1
+    report = capsys.readouterr().out
+    assert "0 done, 1 skipped as already complete, 2 failed" in report and "(--strict)" in report
 
 
 def test_encoder_refuses_hubs_guesses_and_wrong_weights(vit_weights):

@@ -13,7 +13,9 @@ Reads the tile files ``longvit tile`` wrote (``DIR/patches/*.h5``; TRIDENT's and
 with --slide-dir) and writes ``OUT/<name>.h5`` with ``features`` (N x D) and ``coords`` in the
 TRIDENT/CLAM layout. Complete outputs made with the same model, weights, preprocessing and
 tiles are skipped on a rerun; a slide that fails is named with its reason in the closing
-table and the others go on; the exit code is 1 when any slide failed.
+table and the others go on. More unreadable tiles than --max-failed-fraction (default 0.05)
+fails a slide, fewer is a warning, and so is a slide without tiles; the exit code is 1 when
+any slide failed, and --strict counts warnings as failures.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 from longvit.extract.model import PRECISIONS, TileEncoderError, build_tile_encoder
-from longvit.slides.tile_command import format_report
+from longvit.slides.report import apply_strict, exit_code, format_report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mpp-override", type=float, default=None, help="level-0 mpp for all slides")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=0.05,
+        help="largest share of a slide's tiles that may be unreadable before the slide fails",
+    )
+    p.add_argument("--strict", action="store_true", help="a slide with a warning counts as failed")
     return p
 
 
@@ -108,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiles or args.out is None:
         parser.error("--tiles and --out are required")
     if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+        parser.error(f"--batch-size must be >= 1 tiles (got {args.batch_size}), e.g. 256")
     if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be >= 0")
+        parser.error(f"--workers must be >= 0 (got {args.workers}; 0 reads in the main process)")
     if args.devices < 1:
-        parser.error("--devices must be >= 1")
+        parser.error(f"--devices must be >= 1 (got {args.devices})")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        parser.error("--crop-pct is a fraction in (0, 1]")
+        parser.error(f"--crop-pct is a fraction in (0, 1] (got {args.crop_pct}), e.g. 1.0")
+    if args.mpp_override is not None and not args.mpp_override > 0:
+        parser.error(f"--mpp-override must be > 0 microns per pixel (got {args.mpp_override})")
+    if not 0.0 <= args.max_failed_fraction <= 1.0:
+        parser.error(
+            f"--max-failed-fraction is a fraction in [0, 1] (got {args.max_failed_fraction})"
+        )
     from longvit.extract.job import extract_features, find_tile_files
 
     if args.encoder is not None:  # a wrong name or a forgotten --weights: say so before any work
@@ -160,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         slide_dir=args.slide_dir,
         mpp_override=args.mpp_override,
         progress=not args.no_progress,
+        max_failed_fraction=args.max_failed_fraction,
     )
     if run.rank != 0:  # the other DDP processes stay silent; rank 0 reports for all
         return 0
-    print(format_report(run.results))
-    return 1 if run.failed else 0
+    results = apply_strict(run.results, args.strict)
+    print(format_report(results))
+    return exit_code(results)
 
 
 if __name__ == "__main__":  # python -m longvit.extract.command

@@ -6,7 +6,10 @@ A slide's features are assembled in memory (N x D float32: 300 MB for 100,000 ti
 tile arrives, so a killed run loses at most the slides in flight and a rerun skips the rest.
 A tile that cannot be decoded is left out (its row listed in ``failed_tile_index``); a slide
 that cannot be opened, or whose every tile fails, is a failed row in the report; neither stops
-the run.
+the run. ``judge_extracted`` decides the rest: more unreadable tiles than
+``max_failed_fraction`` fails the slide (its readable tiles' features are kept in the file),
+fewer is a warning, and so is a slide without tiles. The judgement is made again when a rerun
+skips a complete file, so a changed threshold applies without extracting again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ from longvit.extract.model import TileEncoder
 from longvit.extract.writer import coords_sha1, feature_path, features_complete, write_features_h5
 from longvit.slides.io import read_tiles_h5
 from longvit.slides.tile_job import SlideResult
+
+
+def judge_extracted(
+    n_tiles: int, failed_rows: int, first_reason: str, max_failed_fraction: float, path: str
+) -> tuple[str, str, str]:
+    """(status, reason, warning) of a slide whose feature file ``path`` holds ``n_tiles -
+    failed_rows`` tiles; ``first_reason``: why the first unreadable tile failed."""
+    if n_tiles == 0:
+        return "done", "", "no tiles in the tile file (see longvit tile's report); features empty"
+    if not failed_rows:
+        return "done", "", ""
+    share = failed_rows / n_tiles
+    what = f"{failed_rows} of {n_tiles} tiles ({share:.1%}) unreadable, first: {first_reason}"
+    if share > max_failed_fraction:
+        return (
+            "failed",
+            (
+                f"{what}; above --max-failed-fraction {max_failed_fraction:g} (the readable tiles' "
+                f"features are in {path}; raise --max-failed-fraction to accept them)"
+            ),
+            "",
+        )
+    return "done", "", f"{what}; left out (failed_tile_index)"
 
 
 def find_tile_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -48,9 +74,11 @@ def plan_extraction(
     *,
     slide_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
+    max_failed_fraction: float = 0.05,
 ) -> tuple[list[SlideJob], list[SlideResult]]:
-    """(jobs to run, results known already): complete outputs are "skipped", unreadable tile
-    files and name clashes "failed". ``identity``: ``TileEncoder.identity()``."""
+    """(jobs to run, results known already): complete outputs are "skipped" (judged again, see
+    ``judge_extracted``), unreadable tile files and name clashes "failed". ``identity``:
+    ``TileEncoder.identity()``."""
     jobs: list[SlideJob] = []
     results: list[SlideResult] = []
     owners: dict[str, Path] = {}
@@ -70,11 +98,23 @@ def plan_extraction(
             continue
         slide = slide_path_for(tiles_h5, attrs, slide_dir)
         job = SlideJob(name, str(tiles_h5), slide, len(coords), mpp_override, coords_sha1(coords))
-        if features_complete(feature_path(out_dir, name), {**identity, **job_identity(job)}):
-            results.append(SlideResult(slide or str(tiles_h5), "skipped", len(coords)))
+        done = feature_path(out_dir, name)
+        if features_complete(done, {**identity, **job_identity(job)}):
+            results.append(_skipped(slide or str(tiles_h5), done, max_failed_fraction))
             continue
         jobs.append(job)
     return jobs, results
+
+
+def _skipped(shown: str, path: Path, max_failed_fraction: float) -> SlideResult:
+    with h5py.File(path, "r") as f:
+        kept, listed = len(f["features"]), int(f["features"].attrs.get("tiles_listed", 0))
+    failed = max(0, listed - kept)
+    status, reason, warning = judge_extracted(
+        listed, failed, "(see the earlier run)", max_failed_fraction, str(path)
+    )
+    return SlideResult(shown, "failed" if status == "failed" else "skipped", kept, reason,
+                       warning=warning)  # fmt: skip
 
 
 def job_identity(job: SlideJob) -> dict:
@@ -98,8 +138,15 @@ class SlideAssembler:
     ``add`` takes a batch's rows; ``results`` lists each finished slide's ``SlideResult``.
     """
 
-    def __init__(self, jobs: Sequence[SlideJob], encoder: TileEncoder, out_dir: str | os.PathLike):
+    def __init__(
+        self,
+        jobs: Sequence[SlideJob],
+        encoder: TileEncoder,
+        out_dir: str | os.PathLike,
+        max_failed_fraction: float = 0.05,
+    ):
         self.jobs = list(jobs)
+        self.max_failed_fraction = max_failed_fraction
         self.out_dir = Path(out_dir)
         self.features_attrs = encoder.attributes()
         self.feature_dim = encoder.feature_dim
@@ -203,14 +250,12 @@ class SlideAssembler:
             reason = f"cannot write features ({type(err).__name__}: {err})"
             self.results.append(SlideResult(shown, "failed", 0, reason, seconds))
             return
-        reason = ""
-        if len(failed_rows):
-            first = state.failed[int(failed_rows[0])]
-            reason = (
-                f"{len(failed_rows)} of {n} tiles unreadable and left out "
-                f"(failed_tile_index); first: {first}"
-            )
-        self.results.append(SlideResult(shown, "done", len(kept), reason, seconds))
+        first = state.failed[int(failed_rows[0])] if len(failed_rows) else ""
+        status, reason, warning = judge_extracted(
+            n, len(failed_rows), first, self.max_failed_fraction,
+            str(feature_path(self.out_dir, job.name)),
+        )  # fmt: skip
+        self.results.append(SlideResult(shown, status, len(kept), reason, seconds, warning))
 
 
 @dataclass(frozen=True)
@@ -242,6 +287,7 @@ def extract_features(
     slide_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     progress: bool = True,
+    max_failed_fraction: float = 0.05,
 ) -> ExtractRun:
     """Extract tile features of every slide under ``tiles`` into ``out_dir/<name>.h5``.
 
@@ -256,6 +302,8 @@ def extract_features(
         accelerator: Lightning's ("auto", "gpu", "cpu").
         slide_dir: where to look for slides whose recorded path is missing (or unrecorded).
         mpp_override: level-0 mpp for slides without usable metadata.
+        max_failed_fraction: largest share of a slide's tiles, in [0, 1], that may be
+            unreadable before the slide is reported failed (see ``judge_extracted``).
     """
     from longvit.extract.lightning import run_prediction  # Lightning is imported only here
 
@@ -275,4 +323,5 @@ def extract_features(
         slide_dir=slide_dir,
         mpp_override=mpp_override,
         progress=progress,
+        max_failed_fraction=max_failed_fraction,
     )

@@ -134,9 +134,12 @@ class FeatureWriter(BasePredictionWriter):
     and only waited for ``_IN_FLIGHT`` batches later, so the GPU never idles on the writer.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, progress: bool = True):
+    def __init__(
+        self, out_dir: str | os.PathLike, progress: bool = True, max_failed_fraction: float = 0.05
+    ):
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
+        self.max_failed_fraction = max_failed_fraction
         self.progress = progress
         self.assembler: SlideAssembler | None = None
         self.in_flight: deque = deque()
@@ -150,7 +153,9 @@ class FeatureWriter(BasePredictionWriter):
     def _start(self, trainer, pl_module: TileFeatureModule) -> None:
         if self.assembler is not None:
             return
-        self.assembler = SlideAssembler(pl_module.shard, pl_module.encoder, self.out_dir)
+        self.assembler = SlideAssembler(
+            pl_module.shard, pl_module.encoder, self.out_dir, self.max_failed_fraction
+        )
         tiles = sum(job.n_tiles for job in pl_module.shard)
         world = trainer.world_size
         self.bar = tqdm(
@@ -237,19 +242,25 @@ def run_prediction(
     slide_dir: str | os.PathLike | None,
     mpp_override: float | None,
     progress: bool,
+    max_failed_fraction: float = 0.05,
 ) -> ExtractRun:
     """Plan, then predict with a ``Trainer``; see ``extract_features``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     jobs, results = plan_extraction(
-        tile_files, out_dir, encoder.identity(), slide_dir=slide_dir, mpp_override=mpp_override
+        tile_files,
+        out_dir,
+        encoder.identity(),
+        slide_dir=slide_dir,
+        mpp_override=mpp_override,
+        max_failed_fraction=max_failed_fraction,
     )
     if not jobs and "LOCAL_RANK" not in os.environ:  # nothing to do (a DDP child still joins)
         return ExtractRun(results)
     if devices > 1 and strategy == "auto":
         strategy = "ddp"
-    writer = FeatureWriter(out_dir, progress=progress)
+    writer = FeatureWriter(out_dir, progress=progress, max_failed_fraction=max_failed_fraction)
     module = TileFeatureModule(encoder, jobs, results, batch_size=batch_size, workers=workers)
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level

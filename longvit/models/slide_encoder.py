@@ -40,6 +40,7 @@ from longvit.models.pos_embed import (
     grid_positions,
     sincos_2d,
 )
+from longvit.models.slide_inputs import check_slide_inputs
 from longvit.models.tile_positions import tile_positions
 
 __all__ = ["LongViTSlideEncoder"]
@@ -234,6 +235,7 @@ def feature_sequence(
         if padding_mask is not None and tuple(padding_mask.shape) == (b, h, w):
             padding_mask = padding_mask.reshape(b, h * w)
         _check_mask(padding_mask, b, h * w)
+        check_slide_inputs(feats, None, padding_mask)
         positions = tile_positions(
             grid, None, None, padding_mask, (b, h * w), grid_size=pos_grid_size
         )
@@ -245,6 +247,7 @@ def feature_sequence(
         )
     b, n = x.shape[:2]
     _check_mask(padding_mask, b, n)
+    check_slide_inputs(x, tile_grid, padding_mask)  # before the range checks: names pixels
     positions = tile_positions(
         tile_grid, coords_level0, tile_size_level0, padding_mask, (b, n),
         grid_size=pos_grid_size,

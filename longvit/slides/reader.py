@@ -50,12 +50,14 @@ class Thumbnail:
 
     image: (h, w, 3) uint8 RGB. downsample: (dx, dy) level-0 pixels per thumbnail pixel, so the
     thumbnail pixel (i, j) covers level-0 x in [j * dx, (j + 1) * dx). failed_regions: how many
-    regions could not be decoded and were left as background.
+    regions could not be decoded and were left as background; failed_fraction: the share of the
+    slide's area they cover, in [0, 1] (1: no pixel of the slide could be read).
     """
 
     image: np.ndarray
     downsample: tuple[float, float]
     failed_regions: int = 0
+    failed_fraction: float = 0.0
 
 
 @functools.cache
@@ -350,25 +352,28 @@ class Slide:
         level_w = min(self.level_dimensions[level][0], max(1, math.ceil(width / lds)))
         band_rows = max(1, int(_THUMBNAIL_BAND_PIXELS / level_w * lds / dy))
         image = np.empty((out_h, out_w, 3), np.uint8)
-        failed = 0
+        failed = failed_px = read_px = 0
         for r0 in range(0, out_h, band_rows):
             r1 = min(out_h, r0 + band_rows)
             y0, y1 = round(r0 * dy), round(r1 * dy)
             level_h = max(1, round((y1 - y0) / lds))
-            band, band_failed = self._read_band(y0, level, (level_w, level_h))
+            band, band_failed, band_failed_px = self._read_band(y0, level, (level_w, level_h))
             failed += band_failed
+            failed_px += band_failed_px
+            read_px += level_w * level_h
             image[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA)
-        return Thumbnail(image, (dx, dy), failed)
+        return Thumbnail(image, (dx, dy), failed, failed_px / max(1, read_px))
 
-    def _read_band(self, y0: int, level: int, size: tuple[int, int]) -> tuple[np.ndarray, int]:
+    def _read_band(self, y0: int, level: int, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+        """(band pixels, regions that failed to decode, pixels they cover at ``level``)."""
         try:
-            return self.read_region((0, y0), level, size), 0
+            return self.read_region((0, y0), level, size), 0, 0
         except TileReadError:
             pass
         lds = self.level_downsamples[level]
         band = np.empty((size[1], size[0], 3), np.uint8)
         band[:] = self.background
-        failed, piece = 0, 512
+        failed, failed_px, piece = 0, 0, 256
         for r in range(0, size[1], piece):
             for c in range(0, size[0], piece):
                 w, h = min(piece, size[0] - c), min(piece, size[1] - r)
@@ -377,4 +382,5 @@ class Slide:
                     band[r : r + h, c : c + w] = self.read_region(loc, level, (w, h))
                 except TileReadError:
                     failed += 1
-        return band, failed
+                    failed_px += w * h
+        return band, failed, failed_px

@@ -2,11 +2,14 @@
 
     longvit tile SLIDE_OR_DIR... --out DIR --target-mpp 0.5 --tile-size 256 \\
         [--overlap PX] [--min-tissue FRACTION] [--mpp-override MPP] [--workers N]
+        [--max-failed-fraction F] [--strict]
 
 Per slide: ``DIR/patches/<name>.h5`` (coords + TRIDENT/CLAM attributes) and
 ``DIR/thumbnails/<name>.png``. Complete outputs are skipped on a rerun; a slide that fails is
-named with its reason in the closing table and the others go on; the exit code is 1 when any
-slide failed.
+named with its reason in the closing table and the others go on. A slide with unreadable
+regions (more than --max-failed-fraction of its area fails the slide), no tiles, or a
+--target-mpp it cannot give is written with a warning (``longvit.slides.report``); the exit
+code is 1 when any slide failed, and --strict counts warnings as failures.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from longvit.slides.io import remove_stale_temporaries
+from longvit.slides.report import apply_strict, exit_code, format_report
 from longvit.slides.tile_job import SlideResult, TileSettings, tile_slide
+
+__all__ = ["find_slides", "format_report", "main", "output_name"]
 
 SLIDE_EXTENSIONS = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -71,7 +77,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--thumbnail-size", type=int, default=2048, help="thumbnail long side, px")
     p.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=0.05,
+        help="largest share of a slide's area that may fail to decode before the slide fails",
+    )
+    p.add_argument("--strict", action="store_true", help="a slide with a warning counts as failed")
     return p
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad value naming the argument and the fix (argparse exits with status 2)."""
+    if args.tile_size < 1:
+        parser.error(f"--tile-size must be >= 1 target pixels (got {args.tile_size}), e.g. 256")
+    if not args.target_mpp > 0:
+        parser.error(
+            f"--target-mpp must be > 0 microns per pixel (got {args.target_mpp}), e.g. 0.5"
+        )
+    if not 0 <= args.overlap < args.tile_size:
+        parser.error(
+            f"--overlap must be in [0, --tile-size {args.tile_size}) target pixels "
+            f"(got {args.overlap})"
+        )
+    if not 0.0 <= args.min_tissue <= 1.0:
+        parser.error(f"--min-tissue is a fraction in [0, 1] (got {args.min_tissue})")
+    if args.mpp_override is not None and not args.mpp_override > 0:
+        parser.error(f"--mpp-override must be > 0 microns per pixel (got {args.mpp_override})")
+    if args.thumbnail_size < 16:
+        parser.error(
+            f"--thumbnail-size must be >= 16 pixels (got {args.thumbnail_size}), e.g. 2048"
+        )
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1 (got {args.workers})")
+    if not 0.0 <= args.max_failed_fraction <= 1.0:
+        parser.error(
+            f"--max-failed-fraction is a fraction in [0, 1] (got {args.max_failed_fraction})"
+        )
 
 
 def _raise_system_exit(signum, frame):  # SIGTERM -> unwind, so temporaries are removed
@@ -102,36 +144,16 @@ def _jobs(slides: list[Path], out: Path, settings: TileSettings):
     return jobs, failed
 
 
-def format_report(results: list[SlideResult]) -> str:
-    """The closing table: one row per slide, then the counts."""
-    rows = [("status", "tiles", "seconds", "slide", "reason")]
-    order = {"failed": 0, "done": 1, "skipped": 2}
-    for r in sorted(results, key=lambda r: (order.get(r.status, 3), r.slide)):
-        shown = "skipped (complete)" if r.status == "skipped" else r.status
-        rows.append((shown, str(r.tiles), f"{r.seconds:.1f}", r.slide, r.reason))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows]
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    lines.append(
-        f"{counts['done']} done, {counts['skipped']} skipped as already complete, "
-        f"{counts['failed']} failed"
-    )
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.workers < 1:
-        _parser().error("--workers must be >= 1")
-    if not 0 <= args.overlap < args.tile_size:
-        _parser().error(f"--overlap must be in [0, {args.tile_size})")
-    if not 0.0 <= args.min_tissue <= 1.0:
-        _parser().error("--min-tissue is a fraction in [0, 1]")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     settings = TileSettings(
         target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap,
         min_tissue=args.min_tissue, mpp_override=args.mpp_override,
         mpp_from_objective_power=args.mpp_from_objective_power,
         detect_tissue=not args.no_tissue_detection, thumbnail_size=args.thumbnail_size,
+        max_failed_fraction=args.max_failed_fraction,
     )  # fmt: skip
     slides = find_slides(args.inputs, args.recursive)
     if not slides:
@@ -162,8 +184,16 @@ def main(argv: list[str] | None = None) -> int:
                     pool.join()
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+    results = apply_strict(results, args.strict)
     print(format_report(results))
-    return 1 if any(r.status == "failed" for r in results) else 0
+    written = [r for r in results if r.status != "failed"]
+    if written and all(r.tiles == 0 for r in written):
+        print(
+            f"longvit tile: no slide has any tile at --target-mpp {args.target_mpp:g} with "
+            f"--tile-size {args.tile_size}; see the warnings above",
+            file=sys.stderr,
+        )
+    return exit_code(results)
 
 
 if __name__ == "__main__":  # python -m longvit.slides.tile_command

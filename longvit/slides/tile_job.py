@@ -1,7 +1,10 @@
 """Tile one slide into its outputs: ``<out>/patches/<name>.h5`` and ``<out>/thumbnails/<name>.png``.
 
 The coordinate file is written last, atomically, and marks the slide complete; a rerun with
-the same settings skips a slide whose file is complete and whose thumbnail exists.
+the same settings skips a slide whose file is complete and whose thumbnail exists. A slide whose
+pixels cannot be read (``longvit.slides.slide_checks``) gets its thumbnail but no coordinate
+file; the warnings of a written slide are stored with it (attribute ``warnings``) and reported
+again when a rerun skips it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from longvit.slides.errors import SlideError
-from longvit.slides.io import is_complete, tile_attributes, write_tiles_h5
+from longvit.slides.io import is_complete, read_tiles_h5, tile_attributes, write_tiles_h5
 from longvit.slides.reader import Slide
 from longvit.slides.resolution import best_level_for_downsample
+from longvit.slides.slide_checks import check_tiled_slide
 from longvit.slides.thumbnail import draw_overview, write_png
 from longvit.slides.tiling import TileGrid, select_tiles
 from longvit.slides.tissue import find_tissue
@@ -29,7 +33,8 @@ class TileSettings:
     instead of the metadata. mpp_from_objective_power: fall back to the nominal 10 / objective
     power when no mpp is stated (see ``Slide``). detect_tissue: False keeps every tile.
     thumbnail_size: longer side of the thumbnail the tissue mask is computed on and the
-    overview drawn on, pixels.
+    overview drawn on, pixels. max_failed_fraction: largest share of the slide's area that may
+    fail to decode before the slide fails (any is a warning).
     """
 
     target_mpp: float = 0.5
@@ -40,6 +45,7 @@ class TileSettings:
     mpp_from_objective_power: bool = False
     detect_tissue: bool = True
     thumbnail_size: int = 2048
+    max_failed_fraction: float = 0.05
 
     def identity(self) -> dict:
         """Attributes a complete output must match to be skipped on a rerun."""
@@ -54,13 +60,15 @@ class TileSettings:
 
 @dataclass(frozen=True)
 class SlideResult:
-    """Outcome for one slide: status is "done", "skipped" (already complete) or "failed"."""
+    """Outcome for one slide: status is "done", "skipped" (already complete) or "failed";
+    warning: what a user should know about a slide that was written ("" when nothing)."""
 
     slide: str
     status: str
     tiles: int = 0
     reason: str = ""
     seconds: float = 0.0
+    warning: str = ""
 
 
 def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -81,7 +89,7 @@ def tile_slide(
     name = name or slide_path.stem
     h5_path, png_path = output_paths(out_dir, name)
     if is_complete(h5_path, settings.identity()) and png_path.is_file():
-        return SlideResult(str(slide_path), "skipped")
+        return _skipped(slide_path, h5_path)
     try:
         with Slide(
             slide_path,
@@ -97,6 +105,18 @@ def tile_slide(
             tiles = select_tiles(
                 grid, tissue, settings.min_tissue if settings.detect_tissue else 0.0
             )
+            check = check_tiled_slide(
+                grid,
+                tiles,
+                thumbnail,
+                max_failed_fraction=settings.max_failed_fraction,
+                min_tissue=settings.min_tissue,
+                detect_tissue=settings.detect_tissue,
+            )
+            write_png(png_path, draw_overview(thumbnail, tissue, tiles))
+            if check.failure:  # the thumbnail shows what was read; no coordinates to use
+                seconds = time.perf_counter() - start
+                return SlideResult(str(slide_path), "failed", 0, check.failure, seconds)
             attrs = tile_attributes(tiles, slide_path=str(slide_path.resolve()), name=name)
             attrs.update(settings.identity())
             attrs.update(
@@ -104,13 +124,24 @@ def tile_slide(
                 mpp_source=slide.resolution.source,
                 objective_power=slide.objective_power or 0.0,
                 thumbnail_failed_regions=thumbnail.failed_regions,
+                thumbnail_failed_fraction=thumbnail.failed_fraction,
+                warnings=check.warning,
                 settings=repr(asdict(settings)),
             )
-            write_png(png_path, draw_overview(thumbnail, tissue, tiles))
             write_tiles_h5(h5_path, tiles, attrs)  # last: its presence marks the slide complete
     except Exception as err:  # one bad slide never stops the run; the report names it
         reason = err.reason if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
         return SlideResult(
             str(slide_path), "failed", reason=reason, seconds=time.perf_counter() - start
         )
-    return SlideResult(str(slide_path), "done", len(tiles), seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return SlideResult(str(slide_path), "done", len(tiles), seconds=seconds, warning=check.warning)
+
+
+def _skipped(slide_path: Path, h5_path: Path) -> SlideResult:
+    """A complete slide from an earlier run, with the tile count and warnings stored then."""
+    try:
+        coords, attrs = read_tiles_h5(h5_path)
+    except (OSError, KeyError):
+        return SlideResult(str(slide_path), "skipped")
+    return SlideResult(str(slide_path), "skipped", len(coords), warning=attrs.get("warnings", ""))

@@ -29,6 +29,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from longvit.training.cli_arguments import (
+    apply_kwargs_overrides,
+    default_precision,
+    kwargs_overrides,
+)
 from longvit.training.manifest import ManifestError
 from longvit.weights_file import WeightsFileError, read_lightning_checkpoint
 
@@ -48,7 +53,16 @@ class LongViTCLI(LightningCLI):
         return {name: {*skip, "weights_only"} for name, skip in LightningCLI.subcommands().items()}
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # typed ..._kwargs.KEY overrides, kwargs dicts merged over --config files, precision
+        # from the device (longvit.training.cli_arguments)
+        rest, merged = kwargs_overrides(list(args) if args is not None else sys.argv[1:])
+        super().parse_arguments(parser, rest)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            apply_kwargs_overrides(self.config[subcommand], merged)
+            trainer = self.config[subcommand].get("trainer")
+            if trainer is not None and trainer.get("precision") is None:
+                trainer["precision"] = default_precision(trainer.get("accelerator"))
         # before LightningCLI reads the checkpoint's hyper-parameters into the config
         try:
             self._checkpoint_shapes = _read_ckpt_path(self.config, self._configured_model_class())
@@ -107,6 +121,15 @@ class LongViTCLI(LightningCLI):
                 load()
             except (ValueError, FileNotFoundError, ManifestError) as err:
                 self.parser.error(f"{type(err).__name__}: {err}")
+        dim = getattr(self.datamodule, "feature_dim", None)
+        network = getattr(self.model, "model", None)
+        in_chans = getattr(network, "in_chans", None)
+        if dim is not None and in_chans is not None and dim != in_chans:
+            self.parser.error(
+                f"the feature files of {self.datamodule.manifest_path} hold D={dim} features but "
+                f"the model expects in_chans={in_chans}; pass "
+                f"--model.init_args.model_kwargs.in_chans {dim} (or set it in the config)"
+            )
 
     def _check_checkpoint(self) -> None:
         """--ckpt_path's weights must fit the model built from the config (names and shapes)."""

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from longvit.training.datamodule import ManifestDataModule
+from longvit.training.feature_checks import check_finite_features
 from longvit.training.manifest import ManifestError, ManifestRow
 from longvit.training.sampling import split_key
 
@@ -59,16 +60,15 @@ def _patch_size_level0(f: h5py.File) -> float:
 
 
 def read_feature_file(path: str | os.PathLike) -> dict[str, np.ndarray | float]:
-    """{"features": (N, D) float32, "coords_level0": (N, 2) int64, "patch_size_level0": float}."""
+    """{"features": (N, D) float32, "coords_level0": (N, 2) int64, "patch_size_level0": float};
+    NaN or infinite features raise ``FeatureValueError`` naming the file and tile."""
     with h5py.File(path, "r") as f:
         feats = np.asarray(f["features"], dtype=np.float32)
         coords = np.asarray(f["coords"]).astype(np.int64)
         size = _patch_size_level0(f)
-    return {
-        "features": feats.reshape(-1, feats.shape[-1]),
-        "coords_level0": coords.reshape(-1, 2),
-        "patch_size_level0": size,
-    }
+    feats, coords = feats.reshape(-1, feats.shape[-1]), coords.reshape(-1, 2)
+    check_finite_features(feats, coords, path)
+    return {"features": feats, "coords_level0": coords, "patch_size_level0": size}
 
 
 class FeatureSlideDataset(Dataset):
