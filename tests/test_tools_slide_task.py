@@ -1,4 +1,4 @@
-"""tools/bench_slide_task.py (issue 6, item 7) runs end to end on CPU at its smoke size."""
+"""tools/bench_slide_task.py runs end to end on CPU at its smoke size."""
 
 import json
 import os

@@ -47,7 +47,7 @@ CONFIGS = {
     ),
 }
 # torchscale on one H200: its layer fwd+bwd (s), its peak (GiB), kernel only (cuDNN, s)
-ANCHORS = {
+TORCHSCALE = {
     "longvit32768_d768": (0.715, 38.5, 0.313),
     "longvit32768_d384": (0.585, 16.9, 0.397),
     "longvit16384_d768": (0.112, 9.1, 0.035),
@@ -136,7 +136,7 @@ def gpu_table(names, warmup, iters, backend="auto"):
                 row[f"kernel_only_{kb}_s"] = bench_kernel_only(heads, hd, n, ws, rs, kb,
                                                                warmup, iters)  # fmt: skip
         row["op_over_kernel_only"] = row["op_s"] / row[f"kernel_only_{backend}_s"]
-        ts, tmem, tko = ANCHORS[name]
+        ts, tmem, tko = TORCHSCALE[name]
         row["torchscale_s"], row["torchscale_peak_gib"], row["anchor_kernel_only_s"] = ts, tmem, tko
         rows.append(row)
         print_row(row)

@@ -30,7 +30,7 @@ def sync(device: str | torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device: str | torch.device = "cuda",
                    warmup: int = 2, iters: int = 5) -> float:  # fmt: skip
-    """Median wall-clock seconds of fn(), each run waited for: host and device time together."""
+    """Median wall-clock seconds of fn(), each run waited for: host and GPU time together."""
     for _ in range(warmup):
         fn()
     sync(device)
