@@ -282,7 +282,7 @@ def test_two_processes_write_each_slide_once(tiled, vit_weights, tmp_path):
         [sys.executable, "-m", "longvit", "extract", "--model", VIT, "--weights", str(vit_weights),
          "--model-kwargs", '{"img_size": 64}', "--tiles", *tiles, "--out", str(out),
          "--batch-size", "16", "--workers", "0", "--accelerator", "cpu", "--devices", "2",
-         "--no-progress"],
+         "--no-progress", "--max-failed-fraction", "0.6"],
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
