@@ -31,6 +31,16 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "predict",
         "per-slide predictions CSV and heatmaps",
     ),
+    "split": (
+        "longvit.training.splits",
+        "main",
+        "patient-level, stratified cross-validation folds of a manifest",
+    ),
+    "folds-summary": (
+        "longvit.training.folds_summary",
+        "main",
+        "mean ± sd of the metrics of cross-validation runs",
+    ),
     "demo": (
         "longvit.demo.pipeline",
         "main",
