@@ -1,8 +1,10 @@
 """The MIL baselines (abmil, meanpool_linear): their maths, and the shipped configs end to end."""
 
 import csv
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import timm
@@ -102,5 +104,12 @@ def test_shipped_config_fits_tests_and_predicts(cohort, tmp_path, monkeypatch, c
     assert longvit_main(["predict", "--config", cfg, *overrides, "--ckpt_path", str(best)]) == 0
     rows = list(csv.DictReader((run / "predictions" / "predictions.csv").open()))
     assert len(rows) == 6 and all(Path(r["heatmap"]).is_file() for r in rows)
+    # QuPath's GeoJSON: one level-0 square per tile, carrying the heatmap's score
+    with h5py.File(cohort.parent / "features" / f"{rows[0]['slide_id']}.h5") as f:
+        coords, size = f["coords"][:], int(f["coords"].attrs["patch_size_level0"])
+    tiles = json.loads(Path(rows[0]["geojson"]).read_text())["features"]
+    assert len(tiles) == len(coords)
+    assert tiles[0]["geometry"]["coordinates"][0][2] == (coords[0] + size).tolist()
+    assert "attention" in tiles[0]["properties"]["measurements"]
     probs = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
