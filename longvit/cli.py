@@ -23,6 +23,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "tile features (a published encoder or any timm model) into HDF5 per slide",
     ),
+    "export": (
+        "longvit.extract.export_command",
+        "main",
+        "tile features in CLAM's or TRIDENT's layout (h5_files/pt_files, features_<encoder>)",
+    ),
     "fit": ("longvit.training.cli", "fit", "train a slide model (LightningCLI; --config YAML)"),
     "validate": ("longvit.training.cli", "validate", "evaluate on the manifest's val split"),
     "test": ("longvit.training.cli", "test", "evaluate on the manifest's test split"),
