@@ -36,6 +36,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "predict",
         "per-slide predictions CSV and heatmaps",
     ),
+    "manifest": (
+        "longvit.training.manifest_command",
+        "main",
+        "a manifest CSV from a slide folder and a labels CSV",
+    ),
     "split": (
         "longvit.training.splits",
         "main",
