@@ -23,6 +23,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "tile features (a published encoder or any timm model) into HDF5 per slide",
     ),
+    "export": (
+        "longvit.extract.export_command",
+        "main",
+        "tile features in CLAM's or TRIDENT's layout (h5_files/pt_files, features_<encoder>)",
+    ),
     "fit": ("longvit.training.cli", "fit", "train a slide model (LightningCLI; --config YAML)"),
     "validate": ("longvit.training.cli", "validate", "evaluate on the manifest's val split"),
     "test": ("longvit.training.cli", "test", "evaluate on the manifest's test split"),
@@ -35,6 +40,21 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "longvit.training.lm_eval_command",
         "main",
         "perplexity of a language-model checkpoint at several contexts (held-out files)",
+    ),
+    "manifest": (
+        "longvit.training.manifest_command",
+        "main",
+        "a manifest CSV from a slide folder and a labels CSV",
+    ),
+    "split": (
+        "longvit.training.splits",
+        "main",
+        "patient-level, stratified cross-validation folds of a manifest",
+    ),
+    "folds-summary": (
+        "longvit.training.folds_summary",
+        "main",
+        "mean ± sd of the metrics of cross-validation runs",
     ),
     "demo": (
         "longvit.demo.pipeline",

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from longvit.training.collate import pad_collate
 from longvit.training.manifest import Manifest, ManifestRow, read_manifest
 from longvit.training.sampling import EpochSampler
+from longvit.training.splits import fold_column
 from longvit.training.survival_bins import quantile_bin_edges, time_to_bin
 
 
@@ -27,6 +28,8 @@ class ManifestDataModule(pl.LightningDataModule):
         n_time_bins: survival: number of quantile time bins.
         seed: seed of the shuffling and token subsets (reproducible across resumes).
         predict_split: the split ``predict`` runs on ("test", "val", "train", "all").
+        fold: cross-validation fold k: the splits come from the manifest's ``split_fold<k>``
+            column (``longvit split``) instead of ``split``; None: ``split``.
     """
 
     mode = "features"
@@ -42,8 +45,12 @@ class ManifestDataModule(pl.LightningDataModule):
         n_time_bins: int = 4,
         seed: int = 0,
         predict_split: str = "test",
+        fold: int | None = None,
     ):
         super().__init__()
+        if fold is not None and fold < 0:
+            raise ValueError(f"data.fold must be >= 0 or null, got {fold}")
+        self.fold = fold
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         for name, value in (("max_tokens", max_tokens), ("max_tokens_eval", max_tokens_eval)):
@@ -66,7 +73,10 @@ class ManifestDataModule(pl.LightningDataModule):
     def load_manifest(self) -> Manifest:
         """Read and validate the manifest (every named file must exist); idempotent."""
         if self.manifest is None:
-            self.manifest = read_manifest(self.manifest_path, mode=self.mode, task=self.task)
+            column = "split" if self.fold is None else fold_column(self.fold)
+            self.manifest = read_manifest(
+                self.manifest_path, mode=self.mode, task=self.task, split_column=column
+            )
             if self.task == "survival":
                 train = self.manifest.split("train")
                 self.bin_edges = quantile_bin_edges(

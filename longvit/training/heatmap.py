@@ -13,6 +13,10 @@ Two measures, both O(N) in memory (no N x N matrix is ever built):
 - ``"gradxinput"``: |sum over channels of gradient x input| at the first block's input
   tokens (features or patches projected, positions added) for the predicted class (or any
   scalar of the output): dense, and it covers every path through the network.
+
+Models without transformer blocks (the MIL baselines of ``longvit.models.mil``) answer
+``"attention"`` with their own ``tile_attention`` (ABMIL's softmax weights), and
+``"gradxinput"`` is then taken at the tile features themselves.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ def _capture_block_input(block: torch.nn.Module, replace_with_leaf: bool = False
 def attention_importance(module, batch: dict) -> torch.Tensor:
     """(B, N) attention of the pooled / class-token query in the last block (module docstring)."""
     model = module.model
+    if hasattr(model, "tile_attention"):  # a MIL model: its own attention weights (B, N)
+        return model.tile_attention(batch["features"], batch.get("coords"),
+                                    batch.get("padding_mask")).float()  # fmt: skip
     block = model.blocks[-1]
     store, handle = _capture_block_input(block)
     try:
@@ -128,11 +135,16 @@ def gradient_input_importance(module, batch: dict, target=None) -> torch.Tensor:
     # predict runs under inference mode: leave it and copy the batch's tensors out of it
     with torch.inference_mode(False), torch.enable_grad():
         batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        store, handle = _capture_block_input(model.blocks[0], replace_with_leaf=True)
+        if not hasattr(model, "blocks"):  # a MIL model: the tile features are its input tokens
+            batch["features"] = batch["features"].float().requires_grad_(True)
+            store, handle = {"x": batch["features"]}, None
+        else:
+            store, handle = _capture_block_input(model.blocks[0], replace_with_leaf=True)
         try:
             out = module.forward_model(batch).float()
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         if callable(target):
             objective = target(out)
         else:
@@ -141,7 +153,7 @@ def gradient_input_importance(module, batch: dict, target=None) -> torch.Tensor:
         x = store["x"]
         (grad,) = torch.autograd.grad(objective.sum(), x)
     scores = (grad * x).sum(-1).abs().detach()
-    return scores[:, model.num_prefix_tokens :]
+    return scores[:, getattr(model, "num_prefix_tokens", 0) :]
 
 
 def importance_batch(batch: dict, scores: torch.Tensor) -> dict:

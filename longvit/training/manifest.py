@@ -73,6 +73,7 @@ def read_manifest(
     mode: str = "features",
     task: str = "classification",
     check_files: bool = True,
+    split_column: str = "split",
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
@@ -82,6 +83,8 @@ def read_manifest(
         task: "classification" (needs ``label``), "survival" (``time`` and ``event``) or
             "none" (self-supervised: no targets).
         check_files: raise if a named slide / feature file does not exist.
+        split_column: the column giving each row's split (``split_fold<k>`` for a fold
+            written by ``longvit split``).
     """
     path = Path(path).absolute()
     if mode not in ("features", "pixels"):
@@ -94,13 +97,16 @@ def read_manifest(
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         records = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    required = ["split", "features" if mode == "features" else "slide"]
+    required = [split_column, "features" if mode == "features" else "slide"]
     required += {"classification": ["label"], "survival": ["time", "event"], "none": []}[task]
     missing = [c for c in required if c not in header]
     if missing:
+        hint = ""
+        if split_column in missing and split_column != "split":
+            hint = f" (write fold columns with `longvit split {path.name} --folds K`)"
         raise ManifestError(
             f"{path}: missing column(s) {missing} for mode={mode!r}, task={task!r}; "
-            f"the header has {header}"
+            f"the header has {header}{hint}"
         )
     if not records:
         raise ManifestError(f"{path}: no rows under the header")
@@ -110,9 +116,11 @@ def read_manifest(
     rows, seen = [], {}
     for line, rec in enumerate(records, start=2):
         where = f"{path}, line {line}"
-        split = rec["split"].lower()
+        split = rec[split_column].lower()
         if split not in SPLITS and split != "predict":
-            raise ManifestError(f"{where}: split must be one of {SPLITS}, got {rec['split']!r}")
+            raise ManifestError(
+                f"{where}: {split_column} must be one of {SPLITS}, got {rec[split_column]!r}"
+            )
         slide = _path(base, rec.get("slide", ""))
         features = _path(base, rec.get("features", ""))
         needed = features if mode == "features" else slide

@@ -4,9 +4,12 @@
 ``output_dir/predictions.csv`` (``predictions.rank<r>.csv`` per process when distributed)
 with slide_id, the target when known (label, or time/event), the prediction (pred and
 prob_<class>, or risk) and, when the LightningModule returned tile importance,
-``output_dir/heatmaps/<slide_id>.png``: the importance over the slide thumbnail (read from the
-manifest's ``slide`` column; a white canvas when the slide is not available). Files are
-written atomically (temporary file, then rename).
+``output_dir/heatmaps/<slide_id>.png``: the slide thumbnail (read from the manifest's ``slide``
+column) beside the importance drawn over it, with a labelled colour bar
+(``longvit.training.heatmap_figure``; a white canvas when the slide is not available), and
+``output_dir/heatmaps/<slide_id>.geojson``: every tile as a level-0 square carrying its score,
+plus the tissue regions found on the thumbnail, for QuPath (``longvit.slides.geojson``). Files
+are written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from longvit.slides.geojson import tile_features, tissue_features, write_geojson
 from longvit.slides.io import atomic_output
 from longvit.slides.thumbnail import write_png
+from longvit.slides.tissue import detect_tissue
 from longvit.training.heatmap import draw_heatmap, heatmap_canvas_downsample
+from longvit.training.heatmap_figure import heatmap_figure
 
 _logger = logging.getLogger(__name__)
 
@@ -35,20 +41,25 @@ class SlidePredictionWriter(BasePredictionWriter):
         output_dir: folder for predictions.csv and heatmaps/.
         heatmaps: draw a heatmap per slide when importance is available.
         thumbnail_size: longer side of the heatmap in pixels.
+        geojson: beside each heatmap, the tiles (with their scores) and the tissue as GeoJSON
+            in level-0 pixels (QuPath: File > Import objects).
     """
 
     def __init__(
         self, output_dir: str | os.PathLike = "predictions", heatmaps: bool = True,
-        thumbnail_size: int = 1024,
+        thumbnail_size: int = 1024, geojson: bool = True,
     ):  # fmt: skip
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.heatmaps, self.thumbnail_size = heatmaps, int(thumbnail_size)
+        self.geojson = geojson
+        self.measure = "importance"
         self.rows: list[dict] = []
         self.written: list[Path] = []
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.rows, self.written = [], []
+        self.measure = str(getattr(pl_module, "importance", "importance"))
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -67,6 +78,8 @@ class SlidePredictionWriter(BasePredictionWriter):
                 path = self.output_dir / "heatmaps" / f"{slide_id}.png"
                 self.draw(prediction, i, path)
                 row["heatmap"] = str(path)
+                if self.geojson:
+                    row["geojson"] = str(path.with_suffix(".geojson"))
             self.rows.append(row)
 
     def draw(self, prediction: dict, i: int, path: Path) -> None:
@@ -86,8 +99,16 @@ class SlidePredictionWriter(BasePredictionWriter):
                 thumb, downsample = t.image, t.downsample
             except Exception as err:  # a heatmap on a blank canvas beats no heatmap
                 _logger.warning("%s: no thumbnail (%s); drawing on a blank canvas", slide_path, err)
-        write_png(path, draw_heatmap(thumb, downsample, coords, size0, scores))
+        heat = draw_heatmap(thumb, downsample, coords, size0, scores)
+        span = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 0.0)
+        label = f"tile importance ({self.measure})"
+        write_png(path, heatmap_figure(thumb, heat, span, title=path.stem, label=label))
         self.written.append(path)
+        if self.geojson:
+            features = tile_features(coords, size0, {self.measure: scores})
+            if thumb is not None:
+                features += tissue_features(detect_tissue(thumb)[0], downsample)
+            write_geojson(path.with_suffix(".geojson"), features)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         name = "predictions.csv"
