@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices must be >= 1")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         parser.error("--crop-pct is a fraction in (0, 1]")
-    from longvit.extract.job import extract_features, find_tile_files
+    from longvit.extract.api import extract_features
+    from longvit.extract.job import find_tile_files
 
     if args.encoder is not None:  # a wrong name or a forgotten --weights: say so before any work
         from longvit.extract.preset_encoder import missing_weights_message
