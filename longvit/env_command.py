@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import platform
 import sys
 
@@ -60,7 +59,7 @@ def backend_rows(device: torch.device, dtype: torch.dtype, head_dim: int) -> lis
 def report(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The text ``longvit env`` prints."""
     import longvit
-    from longvit.attention import strided_ops
+    from longvit import config
     from longvit.attention.backends import resolve_backend
 
     lines = [f"longvit {longvit.__version__}, Python {platform.python_version()}, "
@@ -82,7 +81,7 @@ def report(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     train = resolve_backend("auto", device, dtype, head_dim, 0.0, needs_grad=True).name
     infer = resolve_backend("auto", device, dtype, head_dim, 0.0).name
     lines.append(f'backend="auto" picks: {train} for training, {infer} for inference')
-    triton = "on" if strided_ops._enabled else "off (LONGVIT_TRITON=0 or a failed launch)"
+    triton = "on" if config.use_triton() else "off (LONGVIT_TRITON=0 or a failed launch)"
     where = "" if device.type == "cuda" else " (used on CUDA tensors only)"
     lines.append(f"Triton data movement: {triton}{where}")
     lines.append(f"FlashAttention-4 launches: {fa4_launches()}")
@@ -90,14 +89,15 @@ def report(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
 
 
 def fa4_launches() -> str:
-    """How FA4's kernels are launched: replayed from records (``attention.fa4_launch``) or
+    """How FA4's kernels are launched: replayed from records (``attention.backends.fa4_launch``) or
     through its own wrapper, and why."""
-    from longvit.attention import fa4_launch
+    from longvit import config
+    from longvit.attention.backends import fa4_launch
 
     version = fa4_launch.fa4_version()
     if version is None:
         return "- (flash-attn-4 not installed)"
-    forced = " (LONGVIT_FA4_REPLAY)" if "LONGVIT_FA4_REPLAY" in os.environ else ""
+    forced = " (LONGVIT_FA4_REPLAY)" if config.fa4_replay() is not None else ""
     if fa4_launch.replay_enabled(version):
         return f"replayed per call signature{forced}; LONGVIT_FA4_REPLAY=0 turns that off"
     if forced:

@@ -9,8 +9,8 @@ import pytest  # noqa: E402
 def _fresh_attention_plans():
     """Tests swap attention backends (monkeypatch): the op's remembered plans must not outlive
     a test (in a process the backends do not change, except when one is dropped)."""
-    from longvit.attention import dilated
+    from longvit.attention.plan import forget_plans
 
-    dilated.forget_plans()
+    forget_plans()
     yield
-    dilated.forget_plans()
+    forget_plans()

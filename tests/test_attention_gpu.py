@@ -259,13 +259,13 @@ def test_fa4_deterministic_mode_repeats_gradients():
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomics"])
 def test_fa4_replays_equal_the_wrapper(deterministic, monkeypatch):
-    """FA4's launches replayed from records (longvit.attention.fa4_launch) give what FA4's own
+    """FA4's launches replayed from records (attention/backends/fa4_launch.py) give what FA4's own
     wrapper gives, in place and gathered, forward and backward: the same bits where dq is summed
     deterministically (the semaphores are zero-filled again in each replay)."""
     _fa4_or_skip()
-    import longvit.attention.backends as backends
-    import longvit.attention.dilated as dilated
-    from longvit.attention import fa4_launch
+    import longvit.attention.backends.fa4 as fa4_backend
+    import longvit.attention.per_branch.in_place as in_place
+    from longvit.attention.backends import fa4_launch
 
     g = torch.Generator(device="cuda").manual_seed(2)
     q, k, v, grad = (
@@ -277,10 +277,10 @@ def test_fa4_replays_equal_the_wrapper(deterministic, monkeypatch):
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
         for elements in (0, 2**62):  # every call in place; every call gathered
-            monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", elements)
+            monkeypatch.setattr(in_place, "IN_PLACE_ELEMENTS_PER_CALL", elements)
             results = []
-            for launches in (None, fa4_launch.Launches(backends._fa4())):
-                monkeypatch.setattr(backends, "_fa4_launches", lambda launches=launches: launches)
+            for launches in (None, fa4_launch.Launches(fa4_backend.fa4_interface())):
+                monkeypatch.setattr(fa4_backend, "fa4_launches", lambda launches=launches: launches)
                 for _ in range(3):  # records, then replays
                     lo = [t.clone().requires_grad_() for t in (q, k, v)]
                     out = dilated_attention(*lo, ws, rs, backend="fa4")

@@ -44,11 +44,11 @@ class StridedMath(MathBackend):
 @pytest.fixture
 def strided(monkeypatch):
     """The stand-in backend, registered; every call reads in place, however small."""
-    import longvit.attention.dilated as dilated
+    import longvit.attention.per_branch.in_place as in_place
 
     backend = StridedMath()
     monkeypatch.setitem(BACKENDS, backend.name, backend)
-    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 0)
+    monkeypatch.setattr(in_place, "IN_PLACE_ELEMENTS_PER_CALL", 0)
     return backend
 
 
@@ -117,9 +117,9 @@ def test_small_calls_with_many_head_groups_gather(strided, monkeypatch):
     (LongViT's rates: 8 head groups in one batched call) is gathered into one call, while a
     call of one head group (rate 16 with 12 heads: one diagonal window) still reads in place.
     The rate-1 branch's backward always writes its gradients straight into dq, dk, dv."""
-    import longvit.attention.dilated as dilated
+    import longvit.attention.per_branch.in_place as in_place
 
-    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 2**24)
+    monkeypatch.setattr(in_place, "IN_PLACE_ELEMENTS_PER_CALL", 2**24)
     b, n, h, d, ws, rs = SHAPES["LongViT rates"]
     _check(*_qkv(b, n, h, d), ws, rs, False)
     assert [direction for direction, _ in strided.calls] == ["backward"]
@@ -163,14 +163,14 @@ def test_fa4_backend_calls_fa4_as_documented(in_place, monkeypatch):
     """The fa4 backend, on a CPU stand-in of FA4's interface: in place and gathered calls,
     the rate-1 view, masked branches (those go to the next backend) and the head-chunked layer
     all equal the float64 reference."""
-    import longvit.attention.backends as backends
-    import longvit.attention.dilated as dilated
+    import longvit.attention.backends.fa4 as fa4_backend
+    import longvit.attention.per_branch.in_place as in_place_rule
 
     fa4 = BACKENDS["fa4"]
-    monkeypatch.setattr(backends, "_fa4", lambda: FakeFA4Interface())
+    monkeypatch.setattr(fa4_backend, "fa4_interface", lambda: FakeFA4Interface())
     monkeypatch.setattr(type(fa4), "available", lambda self, *a: True)
     monkeypatch.setattr(type(fa4), "_masked", staticmethod(lambda q: BACKENDS["math"]))
-    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 0 if in_place else 2**62)
+    monkeypatch.setattr(in_place_rule, "IN_PLACE_ELEMENTS_PER_CALL", 0 if in_place else 2**62)
     b, n, h, d, ws, rs = SHAPES["LongViT rates"]
     for causal in (False, True):
         check_against_reference(*_qkv(b, n, h, d), ws, rs, "fa4", causal=causal)
@@ -202,14 +202,17 @@ def test_merges_wait_for_the_kernels_on_small_inputs(defer, strided, monkeypatch
     """Below DEFER_MERGES_ELEMENTS the forward runs every kernel call before merging (the GPU
     gets its long kernels first); above, each call is merged as it comes. Same values either
     way, with padded (general-path) branches in between as well."""
-    import longvit.attention.dilated as dilated
+    import longvit.attention.per_branch.attention as per_branch
+    import longvit.attention.per_branch.rows as rows
+    import longvit.attention.per_branch.windowed as windowed
 
-    monkeypatch.setattr(dilated, "DEFER_MERGES_ELEMENTS", 2**62 if defer else 0)
+    monkeypatch.setattr(per_branch, "DEFER_MERGES_ELEMENTS", 2**62 if defer else 0)
     events = []
-    merge_rows = dilated.merge_rows
-    monkeypatch.setattr(
-        dilated, "merge_rows", lambda *a: (events.append("merge"), merge_rows(*a))[1]
-    )
+    merge_rows = windowed.merge_rows
+    for where in (windowed, rows):  # the windowed calls' merges and the general path's
+        monkeypatch.setattr(
+            where, "merge_rows", lambda *a: (events.append("merge"), merge_rows(*a))[1]
+        )
     forward_into = strided.forward_into
     monkeypatch.setattr(
         strided, "forward_into", lambda *a: (events.append("kernel"), forward_into(*a))[1]

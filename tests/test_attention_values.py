@@ -138,18 +138,18 @@ def test_scale_argument():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_chunked_kernel_calls_are_identical(monkeypatch, backend):
     """Branches cut into many kernel calls (bounded temporaries) give the same result."""
-    import longvit.attention.dilated as dilated
+    import longvit.attention.per_branch.rows as rows
 
     case = SHAPES["N not a multiple of any segment"]
     whole = _compare(case, True, True, backend)
-    monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     chunked = _compare(case, True, True, backend)
     torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-13)
     # no padding, no mask: the windowed path, its rows cut into calls as well
     case = SHAPES["LongViT rates"]
-    monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 2**27)
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 2**27)
     whole = _compare(case, True, False, backend)
-    monkeypatch.setattr(dilated, "CHUNK_ELEMENTS", 300)
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 300)
     assert all(len(step.pieces) == 1 for step in _steps(case))
     chunked = _compare(case, True, False, backend)
     torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-13)
@@ -157,15 +157,16 @@ def test_chunked_kernel_calls_are_identical(monkeypatch, backend):
 
 def _steps(case, **tensors):
     """The op's kernel calls (and general-path branches) for a case's shapes."""
-    import longvit.attention.dilated as dilated
+    from longvit.attention.per_branch.steps import plan_steps
+    from longvit.attention.plan import make_plan
 
     b, n, h, d, ws, rs = case
     q = tensors.get("q", torch.zeros(b, n, h, d, dtype=torch.float64))
-    plan = dilated.make_plan(
+    plan = make_plan(
         n, d, q.device, q.dtype, ws, rs, causal=False, dropout_p=0.0, scale=None,
         backend="math", sp_group=None, needs_grad=True,
     )  # fmt: skip
-    return dilated._steps(plan, q, q, q, tensors.get("key_valid"))
+    return plan_steps(plan, q, q, q, tensors.get("key_valid"))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -33,7 +33,7 @@ def test_env_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 def test_env_says_how_fa4_is_launched(monkeypatch):
     from longvit import env_command
-    from longvit.attention import fa4_launch
+    from longvit.attention.backends import fa4_launch
 
     monkeypatch.delenv("LONGVIT_FA4_REPLAY", raising=False)
     monkeypatch.setattr(fa4_launch, "fa4_version", lambda: None)

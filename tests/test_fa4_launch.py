@@ -1,4 +1,4 @@
-"""Replays of FlashAttention-4's launches (longvit.attention.fa4_launch), on a CPU stand-in of
+"""Replays of FlashAttention-4's launches (attention/backends/fa4_launch.py), on a CPU stand-in of
 FA4's interface whose entry points, like FA4's, allocate buffers and call "compiled" functions
 through compile caches. tests/test_attention_gpu.py checks the real FA4 where installed."""
 
@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from longvit.attention import BACKENDS, fa4_launch
+from longvit.attention import BACKENDS
+from longvit.attention.backends import fa4_launch
 from tests.test_attention_in_place import FakeFA4Interface
 from tests.test_attention_values import SHAPES, _qkv, check_against_reference
 
@@ -77,17 +78,17 @@ def make_interface(spoil_first: int = 0, extra_op: bool = False, table=None):
 def fa4(monkeypatch):
     """The fa4 backend on a stand-in interface, replays on; returns a function that installs
     an interface and gives its Launches."""
-    import longvit.attention.backends as backends
-    import longvit.attention.dilated as dilated
+    import longvit.attention.backends.fa4 as fa4_backend
+    import longvit.attention.per_branch.in_place as in_place
 
     backend = BACKENDS["fa4"]
     monkeypatch.setattr(type(backend), "available", lambda self, *a: True)
-    monkeypatch.setattr(dilated, "IN_PLACE_ELEMENTS_PER_CALL", 0)
+    monkeypatch.setattr(in_place, "IN_PLACE_ELEMENTS_PER_CALL", 0)
 
     def install(interface):
         launches = fa4_launch.Launches(interface)
-        monkeypatch.setattr(backends, "_fa4", lambda: interface)
-        monkeypatch.setattr(backends, "_fa4_launches", lambda: launches)
+        monkeypatch.setattr(fa4_backend, "fa4_interface", lambda: interface)
+        monkeypatch.setattr(fa4_backend, "fa4_launches", lambda: launches)
         return launches
 
     return install

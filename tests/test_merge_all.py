@@ -12,6 +12,7 @@ import pytest
 import torch
 from triton_interpreter import run_under_interpreter, skip_without_runtime_loops
 
+from longvit import config
 from longvit.attention import strided_ops
 from longvit.attention.layout import BranchLayout
 from longvit.attention.strided_ops import NO_KEY, MergeEntry, merge_all
@@ -276,7 +277,7 @@ def test_kernel_on_cuda():
 
 def test_aten_path_on_cpu():
     """Without the interpreter CPU tensors take ATen's ops: the same spec."""
-    if strided_ops._INTERPRET:
+    if strided_ops.INTERPRET:
         pytest.skip("under the interpreter CPU tensors take the kernel")
     check_merge_all(triton=False)
 
@@ -308,13 +309,13 @@ class _Failing:
 
 
 def test_a_failing_launch_falls_back_to_aten(monkeypatch):
-    monkeypatch.setattr(strided_ops, "_INTERPRET", True)  # CPU tensors take the kernel path
+    monkeypatch.setattr(strided_ops, "INTERPRET", True)  # CPU tensors take the kernel path
     monkeypatch.setattr(strided_ops, "_merge_all_kernel", lambda: _Failing())
     entries = scenarios(8, torch.float32)["holes"]
     try:
         with pytest.warns(strided_ops.TritonFallbackWarning, match="Triton kernel failed"):
             _check_call(entries, 8, torch.float32, True, True, (1e-5, 1e-5))
-        assert not strided_ops._enabled
+        assert not config.use_triton()
     finally:
         strided_ops.set_triton(True)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from longvit import config
 from longvit.models import layers
 from longvit.models.layers import LinearInputNorm, layer_norm_float32_math, set_fused_norm
 
@@ -132,13 +133,13 @@ def test_fused_norm_falls_back_once_with_a_warning(monkeypatch):
         raise RuntimeError("no Triton here")
 
     monkeypatch.setattr(layers._fused, "compiled", broken)
-    monkeypatch.setattr(layers._fused, "failed", False)
+    set_fused_norm(True)  # no failure yet
     x, w, b = torch.randn(2, 5, 8), torch.ones(8), torch.zeros(8)
     with pytest.warns(UserWarning, match="compiled LayerNorm is unavailable .*no Triton here"):
         assert layers._fused_layer_norm(x, w, b, 1e-6, torch.bfloat16) is None
-    assert layers._fused.failed
+    assert config.failed("fused_norm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the attempt is not repeated
         assert layers._fused_layer_norm(x, w, b, 1e-6, torch.bfloat16) is None
     set_fused_norm(True)  # re-enabling clears the failure: the next call tries again
-    assert not layers._fused.failed
+    assert not config.failed("fused_norm")

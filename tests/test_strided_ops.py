@@ -11,6 +11,7 @@ import pytest
 import torch
 from triton_interpreter import run_under_interpreter, skip_without_runtime_loops
 
+from longvit import config
 from longvit.attention import dilated_attention, dilated_attention_reference, strided_ops
 from longvit.attention.layout import BranchLayout, dilated_parts, gather_segments
 
@@ -112,7 +113,7 @@ def test_kernels_under_the_interpreter():
 def test_off_switch_and_cpu_fall_back_to_aten():
     """Without the interpreter, CPU tensors take ATen; set_triton(False) forces ATen too."""
     x = torch.randn(2, 4, 3, 2, 8)
-    if not strided_ops._INTERPRET:
+    if not strided_ops.INTERPRET:
         assert not strided_ops._usable(x)
     strided_ops.set_triton(False)
     try:
@@ -135,7 +136,7 @@ class _Failing:
 
 
 def test_a_failing_launch_warns_once_and_falls_back_to_aten(monkeypatch):
-    monkeypatch.setattr(strided_ops, "_usable", lambda *tensors, **kw: strided_ops._enabled)
+    monkeypatch.setattr(strided_ops, "_usable", lambda *tensors, **kw: config.use_triton())
     monkeypatch.setattr(strided_ops, "_kernels", lambda: (_Failing(), _Failing()))
     src = torch.randn(2, 4, 3, 2, 8)
     dst = torch.zeros_like(src)
@@ -144,7 +145,7 @@ def test_a_failing_launch_warns_once_and_falls_back_to_aten(monkeypatch):
         with pytest.warns(warning, match="Triton kernel failed.*LONGVIT_TRITON=0"):
             strided_ops.add_rows(dst, src)
         assert torch.equal(dst, src)
-        assert not strided_ops._enabled
+        assert not config.use_triton()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning: ATen from now on
             acc, acc_lse = torch.zeros(2, 4, 3, 2, 8), torch.zeros(2, 4, 3, 2, 1)

@@ -124,13 +124,14 @@ def model_step(rank, world, device, tokens_per_gpu, iters, model_name="longvit_b
     import torch.nn.functional as F
 
     import longvit  # noqa: F401  (registers the models)
+    from longvit.parallel import parallelize
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=2, mlp_chunk_size=262144).to(device)
     model.set_grad_checkpointing(True)
     model.set_residual_dtype(torch.bfloat16)
     group = dist.group.WORLD if world > 1 else None
-    model.set_sequence_parallel(group)
+    parallelize(model, group)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     n_global = tokens_per_gpu * world
     side = int(n_global**0.5)

@@ -9,14 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longvit.attention.dilated import (
-    check_key_padding_mask,
-    checked_branches,
-    make_plan,
-    packed_kernel,
-)
+from longvit.attention.checks import check_key_padding_mask, checked_branches
+from longvit.attention.dilated import packed_kernel
 from longvit.attention.packed import packed_attention
 from longvit.attention.packed_plan import PackedPlan, build_plan
+from longvit.attention.plan import make_plan
 from longvit.attention.projected import head_chunks, projected_dilated_attention
 from longvit.attention.schedule import (
     DEFAULT_DILATION_RATES,

@@ -51,7 +51,7 @@ def _head_major(x: torch.Tensor) -> torch.Tensor:
 def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for x (rows, D): one Triton launch on CUDA, else index_select."""
     if x.is_cuda and x.is_contiguous():
-        from longvit.attention.merge_kernel import select_rows_on_gpu
+        from longvit.attention.kernels.packed_rows import select_rows_on_gpu
 
         return select_rows_on_gpu(x, index)
     return x.index_select(0, index)
@@ -120,7 +120,7 @@ def _on_gpu_kernels(x: torch.Tensor) -> bool:
 
 def _add_back_on_gpu(q, k, v, dq, dk, dv, plan: PackedPlan, packed: bool):
     """The packed gradients summed into dq, dk, dv (or one packed gradient): one launch each."""
-    from longvit.attention.merge_kernel import add_branches_on_gpu
+    from longvit.attention.kernels.packed_rows import add_branches_on_gpu
 
     h = plan.heads
     pieces = ((dq, plan.slots, plan.slot_bias), (dk, plan.key_slots, plan.key_slot_bias),
@@ -142,7 +142,7 @@ def merge_branches(o: torch.Tensor, lse: torch.Tensor, plan: PackedPlan, dtype: 
     (B * N * H,) float32, float64 for float64 inputs (-inf, and output 0, where no branch
     has a key)."""
     if _on_gpu_kernels(o):
-        from longvit.attention.merge_kernel import merge_on_gpu
+        from longvit.attention.kernels.packed_rows import merge_on_gpu
 
         return merge_on_gpu(o, lse, plan, dtype)
     return merge_reference(o, lse, plan.slots, plan.slot_bias, plan.null_lse, dtype)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from longvit.attention.backends import accumulator_dtype
-from longvit.attention.dilated import _backward, _forward, _Plan, run_with_fallback
+from longvit.attention.per_branch.attention import per_branch_backward, per_branch_forward
+from longvit.attention.plan import BranchPlan, run_with_fallback
 
 # Bytes of one chunk's q, k, v together (B x N x 3 x heads x D): the backward holds them and
 # their gradient, the forward them and a float32 accumulator. Layers whose whole q, k, v fit
@@ -50,7 +51,7 @@ def projected_dilated_attention(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     key_valid: torch.Tensor | None,
-    plan: _Plan,
+    plan: BranchPlan,
     chunks: list[tuple[int, int]],
     kept: Kept | None = None,
 ) -> tuple[torch.Tensor, Kept]:
@@ -92,7 +93,7 @@ def _project(x, w, b, hc):
     return qkv.unbind(2)
 
 
-def _attend(x, weight, bias, key_valid, plan: _Plan, chunks) -> tuple[Kept, _Plan]:
+def _attend(x, weight, bias, key_valid, plan: BranchPlan, chunks) -> tuple[Kept, BranchPlan]:
     """The forward and the plan it ran on (another backend where FA4 failed under auto)."""
     return run_with_fallback(
         lambda p: _attend_chunks(x, weight, bias, key_valid, p, chunks), plan, x.device,
@@ -100,13 +101,13 @@ def _attend(x, weight, bias, key_valid, plan: _Plan, chunks) -> tuple[Kept, _Pla
     )  # fmt: skip
 
 
-def _attend_chunks(x, weight, bias, key_valid, plan: _Plan, chunks) -> Kept:
+def _attend_chunks(x, weight, bias, key_valid, plan: BranchPlan, chunks) -> Kept:
     """The forward, chunk by chunk (one chunk: its results are the output, no copy)."""
     bsz, n, c = x.shape
     heads = plan.total_heads
     if len(chunks) == 1:
         q, k, v = _project(x, weight, bias, heads)
-        out, lse, states = _forward(q, k, v, key_valid, plan)
+        out, lse, states = per_branch_forward(q, k, v, key_valid, plan)
         return Kept(out, lse, [states])
     out = x.new_empty(bsz, n, heads, c // heads)
     lse = torch.empty(bsz, n, heads, dtype=accumulator_dtype(x.dtype), device=x.device)
@@ -115,7 +116,7 @@ def _attend_chunks(x, weight, bias, key_valid, plan: _Plan, chunks) -> Kept:
         w, b = _chunk_weights(weight, bias, h0, h1, heads)
         q, k, v = _project(x, w, b, h1 - h0)
         chunk_plan = dataclasses.replace(plan, head_start=h0)
-        o, chunk_lse, chunk_states = _forward(q, k, v, key_valid, chunk_plan)
+        o, chunk_lse, chunk_states = per_branch_forward(q, k, v, key_valid, chunk_plan)
         del q, k, v
         out[:, :, h0:h1] = o
         lse[:, :, h0:h1] = chunk_lse
@@ -151,7 +152,7 @@ class _ProjectedAttention(torch.autograd.Function):
             q, k, v = _project(x, w, b, hc)
             dqkv = torch.empty(bsz, n, 3, hc, c // heads, dtype=x.dtype, device=x.device)
             chunk_plan = dataclasses.replace(ctx.plan, head_start=h0)
-            _backward(
+            per_branch_backward(
                 dout[:, :, h0:h1], q, k, v, out[:, :, h0:h1], lse[:, :, h0:h1], key_valid,
                 chunk_plan, states, list(dqkv.unbind(2)),
             )  # fmt: skip

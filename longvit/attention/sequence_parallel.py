@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longvit.attention.dilated import (
-    NO_KEY_LSE,
-    _clear_no_key,
-    _kernel_input,
-    _rows,
+from longvit.attention.backends import NO_KEY_LSE
+from longvit.attention.per_branch.rows import (
     add_kernel_grad,
+    clear_no_key,
+    kernel_input,
     keys_from_valid,
     merge_kernel_output,
+    segment_rows,
 )
 
 _SUBGROUPS: dict[tuple, object] = {}
@@ -113,7 +113,7 @@ class SequenceParallel:
         return calls
 
     def _local_inputs(self, x, lay):
-        return _kernel_input(_rows(x, lay), lay)
+        return kernel_input(segment_rows(x, lay), lay)
 
     def _valid(self, key_valid, lay, heads, group, k):
         if key_valid is None:
@@ -130,7 +130,7 @@ class SequenceParallel:
         k_all = self.all_gather_seq(self._local_inputs(k, lay), group, kk)
         v_all = self.all_gather_seq(self._local_inputs(v, lay), group, kk)
         valid_all = self._valid(key_valid, lay, heads, group, kk)
-        acc_rows, lse_rows = _rows(acc, lay), _rows(acc_lse, lay)
+        acc_rows, lse_rows = segment_rows(acc, lay), segment_rows(acc_lse, lay)
         states = []
         for keys, causal in self._calls(k_all.shape[2], index, lay.m, plan.causal):
             valid = None if valid_all is None else valid_all[:, :, keys]
@@ -138,7 +138,7 @@ class SequenceParallel:
             o, lse, state = plan.backend.forward(
                 qb, k_all[:, :, keys], v_all[:, :, keys], bias, causal, plan.dropout_p, plan.scale
             )
-            o, lse = _clear_no_key(o, lse, no_key)
+            o, lse = clear_no_key(o, lse, no_key)
             merge_kernel_output(acc_rows, lse_rows, o, lse, lay, copy=False)
             states.append(state)
         return {"k_all": k_all, "v_all": v_all, "valid_all": valid_all, "states": states}
@@ -148,7 +148,9 @@ class SequenceParallel:
         lay = plan.layout(self.n_local, heads, self.n_local, r)
         group, kk, index = self.segment_group(w)
         qb, outb, doutb = (self._local_inputs(t, lay) for t in (q, out, dout))
-        lse_k = _kernel_input(_rows(lse_b, lay, fill=NO_KEY_LSE), lay).squeeze(-1).contiguous()
+        lse_k = (
+            kernel_input(segment_rows(lse_b, lay, fill=NO_KEY_LSE), lay).squeeze(-1).contiguous()
+        )
         k_all, v_all, valid_all = saved["k_all"], saved["v_all"], saved["valid_all"]
         dq = torch.zeros_like(qb)
         dk_all, dv_all = torch.zeros_like(k_all), torch.zeros_like(v_all)
@@ -163,10 +165,10 @@ class SequenceParallel:
             dq += gq
             dk_all[:, :, keys] += gk
             dv_all[:, :, keys] += gv
-        add_kernel_grad(_rows(grads[0], lay), dq, lay, copy=False)
+        add_kernel_grad(segment_rows(grads[0], lay), dq, lay, copy=False)
         for acc, g_all in ((grads[1], dk_all), (grads[2], dv_all)):
             own = self.reduce_scatter_seq(g_all, group, kk, index)
-            add_kernel_grad(_rows(acc, lay), own, lay, copy=False)
+            add_kernel_grad(segment_rows(acc, lay), own, lay, copy=False)
 
 
 def shard_sequence(x: torch.Tensor, group, dim: int = 1):

@@ -28,18 +28,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import struct
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-_enabled = os.environ.get("LONGVIT_TRITON", "1") != "0"
-# Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: the tests' way
+from longvit import config
+
+# Under Triton's interpreter (TRITONINTERPRET=1) the kernels run on CPU tensors: the tests' way
 # to check them without a GPU.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = config.triton_interpret()
 
 
 class TritonFallbackWarning(RuntimeWarning):
@@ -47,16 +46,16 @@ class TritonFallbackWarning(RuntimeWarning):
 
 
 def set_triton(enable: bool = True) -> None:
-    """Turn the Triton kernels of the branch data movement on or off (for this process)."""
-    global _enabled
-    _enabled = bool(enable)
+    """Turn the Triton kernels of the branch data movement on or off (for this process):
+    ``longvit.config.set_triton``."""
+    config.set_triton(enable)
 
 
 @functools.cache
 def _kernels():
     """(rows_kernel, merge_kernel), or None when Triton cannot be imported."""
     try:
-        from longvit.attention import _strided_kernels as k
+        from longvit.attention.kernels import strided as k
     except Exception:  # noqa: BLE001 - any import failure means: use ATen
         return None
     return k.rows_kernel, k.merge_kernel
@@ -100,17 +99,17 @@ class Strided(NamedTuple):
 def _usable(*windows: torch.Tensor | Strided, elements: int | None = None) -> bool:
     """Whether the kernels apply to these windows (``elements``: what one launch moves, the
     first window's size by default; below MIN_ELEMENTS ATen's one launch does as well)."""
-    if not _enabled or torch.compiler.is_compiling():
+    if not config.use_triton() or torch.compiler.is_compiling():
         return False
     windows = [Strided.of(w) for w in windows]
     for w in windows:
-        if not (w.base.is_cuda or _INTERPRET) or len(w.shape) != 5:
+        if not (w.base.is_cuda or INTERPRET) or len(w.shape) != 5:
             return False
         if w.strides[-1] != 1 and w.shape[-1] > 1:
             return False
     if elements is None:
         elements = windows[0].numel()
-    if not _INTERPRET and elements < MIN_ELEMENTS:
+    if not INTERPRET and elements < MIN_ELEMENTS:
         return False
     return _kernels() is not None
 
@@ -143,14 +142,13 @@ def launched(launch: Callable[[], None], device: torch.device) -> bool:
     """Run a Triton launch on device; False (after turning longvit's Triton kernels off with a
     warning, once) when it fails, e.g. on a GPU or toolchain Triton cannot compile for. The
     caller then does the same work with ATen. Compilation fails before anything is written."""
-    global _enabled
     try:
         with _on(device):
             launch()
         return True
     except Exception as error:  # noqa: BLE001 - any failure: fall back, say so once
-        _enabled = False
-        warnings.warn(
+        config.fall_back(
+            "triton",
             f"longvit: a Triton kernel failed ({type(error).__name__}: {str(error)[:300]}); "
             "using ATen's kernels from now on (slower). Set LONGVIT_TRITON=0 to choose that "
             "without this warning.",
@@ -333,7 +331,7 @@ def _merge_all_kernel():
     whose pair callers (tests) unpack or stand in for."""
     if _kernels() is None:
         return None
-    from longvit.attention import _strided_kernels as k
+    from longvit.attention.kernels import strided as k
 
     return k.merge_all_kernel
 
@@ -451,10 +449,10 @@ def _entry_layout(o_shape, o_strides, l_shape, l_strides, w, r, offset, first_he
 
 def _merge_all_usable(out, out_lse, entries: list[MergeEntry], layouts) -> bool:
     """Whether one launch of merge_all_kernel does the merge (see merge_all)."""
-    if not entries or not _enabled or torch.compiler.is_compiling():
+    if not entries or not config.use_triton() or torch.compiler.is_compiling():
         return False
     device = out.device
-    if not (device.type == "cuda" or _INTERPRET) or out.shape[-1] > MAX_MERGE_D:
+    if not (device.type == "cuda" or INTERPRET) or out.shape[-1] > MAX_MERGE_D:
         return False
     if len(entries) > MAX_MERGE_ENTRIES or not all(lay.triton for lay in layouts):
         return False

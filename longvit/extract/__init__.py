@@ -10,11 +10,11 @@ several GPUs through Lightning) and writes one TRIDENT/CLAM-layout HDF5 file per
 extracting; this package never imports longvit.training.
 """
 
+from longvit.extract.api import extract_features
 from longvit.extract.dataset import MultiSlideTileDataset, SlideJob, collate_slide_tiles
 from longvit.extract.job import (
     ExtractRun,
     SlideAssembler,
-    extract_features,
     find_tile_files,
     plan_extraction,
 )

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--max-failed-fraction is a fraction in [0, 1] (got {args.max_failed_fraction})"
         )
-    from longvit.extract.job import extract_features, find_tile_files
+    from longvit.extract.api import extract_features
+    from longvit.extract.job import find_tile_files
 
     if args.encoder is not None:  # a wrong name or a forgotten --weights: say so before any work
         from longvit.extract.preset_encoder import missing_weights_message

@@ -20,20 +20,21 @@ import functools
 
 import torch
 
-from longvit.attention import strided_ops  # one switch (LONGVIT_TRITON) for longvit's kernels
+from longvit import config  # one switch (LONGVIT_TRITON) for longvit's kernels
+from longvit.attention import strided_ops
 from longvit.interpolation import interpolation_matrix
 
 BLOCK = 128  # output pixels per program
 
 
 def _enabled() -> bool:
-    return strided_ops._enabled and not torch.compiler.is_compiling()
+    return config.use_triton() and not torch.compiler.is_compiling()
 
 
 @functools.cache
 def _kernel():
     try:
-        from longvit.extract import _preprocess_kernel as k
+        from longvit.extract import preprocess_kernel as k
     except Exception:  # noqa: BLE001 - any import failure means: use ATen
         return None
     return k.resize_normalize_kernel
@@ -75,7 +76,7 @@ def fused_resize_normalize(
     """(B, H, W, 3) uint8 -> (B, 3, h, w) float32 channels_last: resize to scale_hw, crop
     out_hw at top_left, round to whole pixel values, then x * scale_C + shift_C per channel.
     None where the kernel does not apply."""
-    if not _enabled() or not (tiles_BHWC.is_cuda or strided_ops._INTERPRET):
+    if not _enabled() or not (tiles_BHWC.is_cuda or strided_ops.INTERPRET):
         return None
     if tiles_BHWC.dtype != torch.uint8 or tiles_BHWC.dim() != 4 or tiles_BHWC.shape[-1] != 3:
         return None

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longvit.attention import MultiheadDilatedAttention, dilated_attention
-from longvit.attention.dilated import checked_branches, packed_kernel
+from longvit.attention.checks import checked_branches
+from longvit.attention.dilated import packed_kernel
 from longvit.attention.packed import packed_attention
 from longvit.attention.packed_plan import PackedPlan, build_plan
 from longvit.autocast import autocast_dtype

@@ -123,7 +123,11 @@ class DilatedEncoder(nn.Module):
         self.grad_checkpointing = False
         self.activation_offload = False
         self.residual_dtype: torch.dtype | None = None
-        self.sp_group = None  # set_sequence_parallel
+        # Set by longvit.parallel.parallelize, which shards sequences over ranks (the model
+        # knows no ranks): a differentiable sum of the shards' partial pools, and whether this
+        # shard's prefix slot is padding (the class token lives in the first shard's).
+        self.sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.prefix_is_padding = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -191,10 +195,10 @@ class DilatedEncoder(nn.Module):
             return x, padding_mask
         b = x.shape[0]
         x = torch.cat([t.expand(b, -1, -1).to(x.dtype) for t in prefix] + [x], dim=1)
-        # with sequence parallelism only rank 0's slot is the class token; the other ranks'
-        # slots keep the shards equal and are padding (never a key, never pooled); registers
-        # are refused there (set_sequence_parallel), so P = 1 then
-        pad_slot = self.sp_group is not None and _sp_rank(self.sp_group) > 0
+        # with sequence parallelism only the first shard's slot is the class token; the other
+        # shards' slots keep the shards equal and are padding (never a key, never pooled);
+        # registers are refused there (longvit.parallel), so P = 1 then
+        pad_slot = self.prefix_is_padding
         return x, prefix_padding_mask(padding_mask, x, self.num_prefix_tokens, pad_slot)
 
     def _run_blocks(self, x, mask, blocks) -> torch.Tensor:
@@ -234,12 +238,12 @@ class DilatedEncoder(nn.Module):
     # ---------------------------------------------------------------- head
     def pool(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P + N, C) -> (B, C) by global_pool over the valid tokens ("" returns x)."""
-        if self.sp_group is not None and self.global_pool == "token":
-            cls = x[:, 0] if _sp_rank(self.sp_group) == 0 else x[:, 0] * 0
-            return sp_all_reduce(cls, self.sp_group)  # rank 0's class token on every rank
-        if self.sp_group is not None and self.global_pool == "avg":
+        if self.sum_over_shards is not None and self.global_pool == "token":
+            cls = x[:, 0] if not self.prefix_is_padding else x[:, 0] * 0
+            return self.sum_over_shards(cls)  # the first shard's class token on every shard
+        if self.sum_over_shards is not None and self.global_pool == "avg":
             total, count = _valid_sum(x[:, self.num_prefix_tokens :], padding_mask)
-            both = sp_all_reduce(torch.cat([total, count], dim=1), self.sp_group)  # all shards
+            both = self.sum_over_shards(torch.cat([total, count], dim=1))  # all shards
             return both[:, :-1] / both[:, -1:].clamp(min=1)
         return pool_tokens(x, padding_mask, self.global_pool, self.num_prefix_tokens)
 
@@ -309,38 +313,11 @@ class DilatedEncoder(nn.Module):
 
     @torch.jit.ignore
     def set_sequence_parallel(self, group) -> None:
-        """Run on this rank's contiguous shard of every sequence (None: whole sequences).
+        """Deprecated alias of ``longvit.parallel.parallelize(model, group)``, which shards a
+        model's sequences over a process group from outside the model."""
+        from longvit.parallel import parallelize
 
-        The attention layers take the process group (their long branches gather keys and
-        values from the ranks that hold their segments); mean pooling sums over all ranks
-        (a differentiable all-reduce), so every rank computes the same pooled features, head
-        and loss. Its backward sums the identical pooled gradients of the group's ranks, so
-        averaging gradients over all ranks (DDP over data x sequence parallel) gives the
-        exact gradient of the whole-sequence model. Inputs must carry explicit positions
-        (``forward_patches`` or the slide encoder's coords); shard them with
-        ``longvit.training.sequence_parallel.shard_batch``.
-
-        Pooling: "avg" (mean over the valid tokens of all ranks) or "token" (the class
-        token). With a class token every rank reserves one slot in front of its shard so
-        the shards stay equal: rank 0's slot holds the class token, the others' are
-        padding. The whole sequence is then [cls, shard 0, pad, shard 1, pad, ...]: what
-        one process computes for the data [shard 0, pad, shard 1, ...] with those pads
-        masked (shard_batch(prefix_tokens=1) lays the shards out so).
-        """
-        if group is not None and self.num_reg_tokens:
-            raise ValueError(
-                "sequence parallelism keeps one prefix slot per shard (the class token); "
-                f"this model has reg_tokens={self.num_reg_tokens}: create it with reg_tokens=0"
-            )
-        if group is not None and self.global_pool not in ("avg", "token"):
-            raise ValueError(
-                "sequence parallelism pools with global_pool='avg' or 'token', got "
-                f"{self.global_pool!r}; create the model with global_pool='avg'"
-            )
-        self.sp_group = group
-        for module in self.modules():
-            if isinstance(module, MultiheadDilatedAttention):
-                module.sp_group = group
+        parallelize(self, group)
 
     @torch.jit.ignore
     def set_residual_dtype(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
@@ -479,17 +456,6 @@ def _check_token_padding(tokens: torch.Tensor, padding_mask: torch.Tensor) -> No
 # torch.fx records these as one call each (their branches depend on optional inputs)
 torch.fx.wrap("prefix_padding_mask")
 torch.fx.wrap("pool_tokens")
-
-
-def _sp_rank(group) -> int:
-    return torch.distributed.get_rank(group)
-
-
-def sp_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable sum over a process group (its backward sums the gradients too)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, group=group)
 
 
 def _check_pool(global_pool: str, class_token: bool) -> None:

@@ -8,8 +8,6 @@ its output projection) and inside the MLP (before fc2), as LongViT does.
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,6 +16,7 @@ from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longvit import config
 from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
 from longvit.autocast import autocast_dtype
@@ -255,7 +254,7 @@ class LinearInputNorm(nn.LayerNorm):
             return super().forward(x)
         if not out_dtype.is_floating_point or x.dtype not in (out_dtype, torch.float32):
             return super().forward(x)
-        if x.is_cuda and _fused.enabled and x.numel() >= FUSED_NORM_TOKENS * x.shape[-1]:
+        if x.is_cuda and config.use_fused_norm() and x.numel() >= FUSED_NORM_TOKENS * x.shape[-1]:
             out = _fused_layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
             if out is not None:
                 return out
@@ -272,15 +271,13 @@ FUSED_NORM_TOKENS = 2**17
 
 
 def set_fused_norm(enable: bool = True) -> None:
-    """Use the compiled one-kernel LayerNorm in ``LinearInputNorm`` on CUDA (default on)."""
-    _fused.enabled = bool(enable)
-    _fused.failed = False
+    """Use the compiled one-kernel LayerNorm in ``LinearInputNorm`` on CUDA (default on):
+    ``longvit.config.set_fused_norm``."""
+    config.set_fused_norm(enable)
 
 
 class _FusedNormState:
-    enabled = os.environ.get("LONGVIT_FUSED_NORM", "1") != "0"
-    failed = False
-    compiled = None
+    compiled = None  # the compiled layer_norm_float32_math, made on first use
 
 
 _fused = _FusedNormState()
@@ -301,7 +298,7 @@ def layer_norm_float32_math(
 def _fused_layer_norm(x, weight, bias, eps, out_dtype) -> torch.Tensor | None:
     """layer_norm_float32_math compiled (rows dynamic, so every sequence length shares one
     kernel); None when it cannot be compiled here."""
-    if _fused.failed:
+    if config.failed("fused_norm"):
         return None
     if torch.compiler.is_compiling():  # inside the user's torch.compile: it fuses this itself
         return layer_norm_float32_math(x, weight, bias, eps, out_dtype)
@@ -313,11 +310,12 @@ def _fused_layer_norm(x, weight, bias, eps, out_dtype) -> torch.Tensor | None:
         with torch.autocast(x.device.type, enabled=False):
             out = _fused.compiled(rows, weight, bias, eps, out_dtype)
     except Exception as error:  # noqa: BLE001  (no Triton, an old GPU: stay on ATen)
-        _fused.failed = True
-        warnings.warn(
+        config.fall_back(
+            "fused_norm",
             f"longvit: the compiled LayerNorm is unavailable ({type(error).__name__}: "
             f"{str(error)[:200]}); using ATen's kernels (slower). Set LONGVIT_FUSED_NORM=0 to "
             "skip the attempt.",
+            UserWarning,
             stacklevel=3,
         )
         return None

@@ -8,12 +8,12 @@ W processes arranged as a device mesh ("dp", "sp") of shape (W / S, S):
   group see the same slides;
 - before each step every batch's sequences are cut into S equal, contiguous shards
   (`shard_batch`), each rank keeping its own;
-- the model's encoders run on their shard (`set_sequence_parallel`): long attention
+- the model's encoders run on their shard (`longvit.parallel.parallelize`): long attention
   branches gather keys and values inside the group, pooling sums over it, so each rank
   computes the same loss;
 - DDP averages gradients over all W ranks, which with the pooling's all-reduce gives
   exactly the gradient of the whole-sequence model averaged over the data-parallel
-  replicas (see `DilatedEncoder.set_sequence_parallel`);
+  replicas (see `longvit.parallel`);
 - Lightning writes checkpoints from global rank 0 only.
 
 Multi-node runs use Lightning's usual launchers (torchrun, SLURM); see docs/sequence_parallel.md.
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+
+from longvit.parallel import parallelize
 
 # Batch keys whose dim 1 is the token sequence (features, coordinates, patches...).
 SEQUENCE_KEYS = (
@@ -137,16 +139,13 @@ class SequenceParallelStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         if self.sp_size > 1:
-            found = 0
-            for module in self.lightning_module.modules():
-                if hasattr(module, "set_sequence_parallel"):
-                    module.set_sequence_parallel(self.sp_group)
-                    self.prefix_tokens = max(self.prefix_tokens, module.num_prefix_tokens)
-                    found += 1
-            if not found:
+            encoders = parallelize(self.lightning_module, self.sp_group)
+            for encoder in encoders:
+                self.prefix_tokens = max(self.prefix_tokens, encoder.num_prefix_tokens)
+            if not encoders:
                 raise ValueError(
-                    "SequenceParallelStrategy: the LightningModule has no encoder with "
-                    "set_sequence_parallel (a longvit model); use sp_size=1"
+                    "SequenceParallelStrategy: the LightningModule has no encoder that runs on "
+                    "sequence shards (a longvit model, longvit.parallel); use sp_size=1"
                 )
         super().setup(trainer)
 

@@ -1,4 +1,4 @@
-"""Triton kernels of ``strided_ops`` (imported only when Triton is; see that module).
+"""Triton kernels of ``attention/strided_ops.py`` (imported only when Triton is; see that module).
 
 Each tensor argument comes with an element offset from its data pointer (a window of a
 larger tensor, see ``strided_ops.Strided``). A window (n0, n1, n2, n3, X) is walked in tiles of

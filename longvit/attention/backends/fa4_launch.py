@@ -26,13 +26,14 @@ again; after ``MAX_TRIES`` spoiled records the signature stays with the wrapper.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from longvit import config
 
 aten = torch.ops.aten
 
@@ -317,9 +318,9 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def replay_enabled(version: str | None) -> bool:
     """LONGVIT_FA4_REPLAY=1/0 forces replays on or off; else on for the tested versions."""
-    forced = os.environ.get("LONGVIT_FA4_REPLAY")
+    forced = config.fa4_replay()
     if forced is not None:
-        return forced != "0"
+        return forced
     return version in TESTED_VERSIONS
 
 
