@@ -15,8 +15,26 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from longvit.attention import dilated_attention  # noqa: E402
 from tools.bench_attention import CONFIGS  # noqa: E402
-from tools.probe_kernels import op_step  # noqa: E402
+
+
+def op_step(tokens: int, heads: int, head_dim: int, segments, rates):
+    """One forward + backward of dilated_attention on random bf16 (1, tokens, heads, head_dim)
+    q, k, v on the GPU, as a closure to profile."""
+    q, k, v = (
+        torch.randn(
+            1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+        )  # fmt: skip
+        for _ in range(3)
+    )
+    go = torch.randn_like(q)
+
+    def step():
+        out = dilated_attention(q, k, v, segments, rates)
+        torch.autograd.grad(out, (q, k, v), go)
+
+    return step
 
 
 def main(argv=None):
