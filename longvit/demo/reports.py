@@ -57,9 +57,13 @@ def train_report_writer(
     steps: int = 400,
     batch_size: int = 8,
     accelerator: str = "cpu",
+    standardize_features: bool = True,
 ) -> ReportResult:
     """Train the captioner on the manifest's training split, write the test slides' reports
-    to ``out/predictions/reports.csv`` (slide, reference, generated); returns the counts."""
+    to ``out/predictions/reports.csv`` (slide, reference, generated); returns the counts.
+
+    standardize_features=False trains on the raw features (the captioner then writes the
+    language without reading the slide: ``longvit.training.feature_statistics``)."""
     import lightning.pytorch as pl
     import torch
 
@@ -76,11 +80,13 @@ def train_report_writer(
         encoder="longvit_slide_small",
         encoder_kwargs=dict(in_chans=feature_dim, embed_dim=96, depth=2, num_heads=4),
         decoder="longnet_decoder_small",
-        decoder_kwargs=dict(dim=96, depth=2, num_heads=4, segment_lengths=[64, 128],
-                            dilation_rates=[1, 2]),  # fmt: skip
+        decoder_kwargs=dict(
+            dim=96, depth=2, num_heads=4, segment_lengths=[64, 128], dilation_rates=[1, 2]
+        ),  # fmt: skip
         tokenizer="byte",
         lr=1e-3,
         warmup_steps=max(1, steps // 6),
+        standardize_features=standardize_features,
     )
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, max_steps=steps, logger=False,
