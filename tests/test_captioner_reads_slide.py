@@ -44,7 +44,8 @@ def _train_and_score(reports, zero_memory: bool) -> float:
     torch.manual_seed(0)
     module = SlideCaptioningModule(
         encoder_kwargs=dict(in_chans=16, embed_dim=32, depth=1, num_heads=2),
-        decoder_kwargs=dict(dim=32, depth=1, num_heads=2, segment_lengths=[16], dilation_rates=[1]),
+        decoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2, segment_lengths=[16],
+                            dilation_rates=[1]),
         tokenizer="byte",
     )  # fmt: skip
     model = module.model

@@ -32,7 +32,7 @@ def _captioner(root):
     torch.manual_seed(0)
     module = SlideCaptioningModule(
         encoder_kwargs=dict(in_chans=8, embed_dim=16, depth=1, num_heads=2),
-        decoder_kwargs=dict(dim=16, depth=2, num_heads=2, segment_lengths=[4, 8],
+        decoder_kwargs=dict(embed_dim=16, depth=2, num_heads=2, segment_lengths=[4, 8],
                             dilation_rates=[1, 2]),
         tokenizer="byte", warmup_steps=1,
     )  # fmt: skip

@@ -81,7 +81,7 @@ def train_report_writer(
         encoder_kwargs=dict(in_chans=feature_dim, embed_dim=96, depth=2, num_heads=4),
         decoder="longnet_decoder_small",
         decoder_kwargs=dict(
-            dim=96, depth=2, num_heads=4, segment_lengths=[64, 128], dilation_rates=[1, 2]
+            embed_dim=96, depth=2, num_heads=4, segment_lengths=[64, 128], dilation_rates=[1, 2]
         ),  # fmt: skip
         tokenizer="byte",
         lr=1e-3,
