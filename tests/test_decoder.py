@@ -32,7 +32,7 @@ def _one_thread():
 def tiny(attention="dilated", pos_embed="xpos", seg=(4, 8, 16), rates=(1, 2, 4), heads=4, **kw):
     torch.manual_seed(0)
     return LongNetDecoder(
-        vocab_size=50, dim=8 * heads, depth=2, num_heads=heads, segment_lengths=seg,
+        vocab_size=50, embed_dim=8 * heads, depth=2, num_heads=heads, segment_lengths=seg,
         dilation_rates=rates, attention=attention, pos_embed=pos_embed, **kw,
     )  # fmt: skip
 
@@ -182,7 +182,7 @@ def test_sampling_filters():
 
 def test_argument_errors():
     with pytest.raises(ValueError, match="segment_lengths"):
-        LongNetDecoder(10, dim=16, depth=1, num_heads=2, segment_lengths="auto")
+        LongNetDecoder(10, embed_dim=16, depth=1, num_heads=2, segment_lengths="auto")
     with pytest.raises(ValueError, match="attention"):
         tiny(attention="sparse")
     with pytest.raises(ValueError, match="pos_embed"):
@@ -253,7 +253,7 @@ def test_language_model_learns_below_unigram_entropy():
     unigram = float(-(p[p > 0] * p[p > 0].log()).sum())
     assert unigram > 2.0  # the walk does not visit all 16 symbols equally
     torch.manual_seed(0)
-    m = LongNetDecoder(16, dim=64, depth=2, num_heads=4, segment_lengths=[8, 16, 32],
+    m = LongNetDecoder(16, embed_dim=64, depth=2, num_heads=4, segment_lengths=[8, 16, 32],
                        dilation_rates=[1, 2, 4], pos_embed="xpos")  # fmt: skip
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
@@ -270,3 +270,14 @@ def test_language_model_learns_below_unigram_entropy():
         final = float(m.loss(held_out))
     assert final < 0.5 * unigram, (final, unigram)
     assert final < math.log(2) + 0.25, final
+
+
+def test_decoder_takes_the_encoders_embed_dim_and_reads_the_former_dim():
+    size = dict(depth=1, num_heads=2, segment_lengths=[8], dilation_rates=[1])
+    m = LongNetDecoder(10, embed_dim=16, **size)
+    assert m.embed_dim == m.dim == 16
+    with pytest.warns(FutureWarning, match="pass embed_dim=16"):
+        old = LongNetDecoder(10, dim=16, **size)
+    assert old.embed_dim == 16
+    with pytest.raises(TypeError, match="pass embed_dim only"):
+        LongNetDecoder(10, embed_dim=32, dim=16, **size)

@@ -77,7 +77,7 @@ def tiny_module(**kw) -> SlideCaptioningModule:
         encoder="longvit_slide_small",
         encoder_kwargs=dict(in_chans=DIM, embed_dim=32, depth=1, num_heads=2),
         decoder="longnet_decoder_small",
-        decoder_kwargs=dict(dim=64, depth=2, num_heads=4, segment_lengths=[8, 16, 32],
+        decoder_kwargs=dict(embed_dim=64, depth=2, num_heads=4, segment_lengths=[8, 16, 32],
                             dilation_rates=[1, 2, 4], sub_ln=False),
         tokenizer="byte", lr=3e-3, warmup_steps=10, **kw,
     )  # fmt: skip

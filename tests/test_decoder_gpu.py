@@ -22,7 +22,8 @@ SEG, RATES = (64, 128, 256), (1, 2, 4)  # a block of 256 tokens: the cache rolls
 def model(attention: str, dtype: torch.dtype) -> LongNetDecoder:
     torch.manual_seed(0)
     m = LongNetDecoder(
-        vocab_size=512, dim=256, depth=3, num_heads=4, segment_lengths=SEG, dilation_rates=RATES,
+        vocab_size=512, embed_dim=256, depth=3, num_heads=4, segment_lengths=SEG,
+        dilation_rates=RATES,
         attention=attention, pos_embed="rope",
     )  # fmt: skip
     return m.to("cuda", dtype).eval()

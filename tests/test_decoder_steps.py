@@ -62,7 +62,7 @@ def test_step_bias_counts_the_reference_multiplicity(seg, rates, heads):
 def tiny(attention="dilated", **kw):
     torch.manual_seed(0)
     return LongNetDecoder(
-        vocab_size=50, dim=32, depth=2, num_heads=4, segment_lengths=(4, 8, 16),
+        vocab_size=50, embed_dim=32, depth=2, num_heads=4, segment_lengths=(4, 8, 16),
         dilation_rates=(1, 2, 4), attention=attention, **kw,
     ).double()  # fmt: skip
 
@@ -122,7 +122,8 @@ STEP_OPS_PER_LAYER = 46
 def _base_like(attention: str) -> LongNetDecoder:
     torch.manual_seed(0)
     return LongNetDecoder(
-        vocab_size=64, dim=96, depth=12, num_heads=12, segment_lengths=LONGNET_SEGMENT_LENGTHS,
+        vocab_size=64, embed_dim=96, depth=12, num_heads=12,
+        segment_lengths=LONGNET_SEGMENT_LENGTHS,
         dilation_rates=LONGNET_DILATION_RATES, attention=attention,
     ).eval()  # fmt: skip
 

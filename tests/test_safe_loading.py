@@ -210,7 +210,7 @@ def captioner_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     module = SlideCaptioningModule(
         encoder="longvit_slide_small", encoder_kwargs=dict(in_chans=8, embed_dim=16, depth=1,
-        num_heads=2), decoder="longnet_decoder_small", decoder_kwargs=dict(dim=16, depth=1,
+        num_heads=2), decoder="longnet_decoder_small", decoder_kwargs=dict(embed_dim=16, depth=1,
         num_heads=2, segment_lengths=[8], dilation_rates=[1]), tokenizer="byte", warmup_steps=1,
     )  # fmt: skip
     trainer = pl.Trainer(

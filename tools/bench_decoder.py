@@ -74,7 +74,7 @@ def build(args, size: str, attention: str, context: int) -> LongNetDecoder:
                   pos_embed=args.pos_embed, mlp_chunk_size=args.mlp_chunk)  # fmt: skip
     torch.manual_seed(0)
     if size == "tiny":
-        model = LongNetDecoder(args.vocab, dim=64, depth=2, num_heads=4, **kwargs)
+        model = LongNetDecoder(args.vocab, embed_dim=64, depth=2, num_heads=4, **kwargs)
     else:
         model = create_decoder(SIZES[size], vocab_size=args.vocab, **kwargs)
     return model.to(args.device)

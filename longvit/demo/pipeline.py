@@ -9,9 +9,11 @@
    pooling over the tiles, which suits a "one focus anywhere" label) with Lightning for a few
    epochs, keeping the checkpoint with the lowest validation loss;
 5. tests it on the held-out slides (AUROC, balanced accuracy), writes per-slide predictions
-   and heatmaps, and prints where everything is;
+   and heatmaps;
 6. trains and tests the gated attention MIL baseline (ABMIL) on the same features and splits
-   (``longvit.demo.baseline``), so the summary compares the two.
+   (``longvit.demo.baseline``), so the summary compares the two;
+7. trains a slide captioner whose reports name the finding (``longvit.demo.reports``) and
+   writes the held-out slides' reports next to the predictions; prints where everything is.
 
 Rerunning reuses the slides, tiles and features already written (each step skips complete
 outputs).
@@ -165,6 +167,21 @@ def baseline_stage(manifest: Path, out: Path, args: argparse.Namespace) -> tuple
                                     args.accelerator)  # fmt: skip
 
 
+def report_stage(manifest: Path, out: Path, seed: int, accelerator: str) -> str:
+    """Train the captioner and write the held-out reports; returns the summary's lines."""
+    from longvit.demo.reports import train_report_writer
+
+    result = train_report_writer(manifest, out, seed=seed, accelerator=accelerator)
+    lines = [
+        f"held-out reports: label words right {result.right} of {result.total}   "
+        f"(captioner, {result.seconds:.0f} s)",
+        f"  reports (CSV)            {result.reports_csv}",
+    ]
+    for row in result.rows[:3]:
+        lines.append(f"  {row['slide']}: {row['generated']!r}   (reference {row['reference']!r})")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
@@ -179,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     t_features = time.perf_counter()
     manifest = write_manifest(slides_csv, features, out / "manifest.csv")
     metrics, paths = train_and_evaluate(manifest, out, args.epochs, args.seed, args.accelerator)
-    t_train = time.perf_counter()
+    t_trained = time.perf_counter()
     baseline, baseline_paths = baseline_stage(manifest, out, args)
+    t_baseline = time.perf_counter()
+    reports = report_stage(manifest, out, args.seed, args.accelerator)
     t_end = time.perf_counter()
     tiles = sum(r.tiles for r in results if r.status == "done")
     print(
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(longvit_slide_small; balanced accuracy {metrics['test/bal_acc']:.3f}, chance = 0.5)\n"
         f"held-out test AUROC        {baseline['test/auroc']:.3f}   "
         f"(ABMIL baseline; balanced accuracy {baseline['test/bal_acc']:.3f}, "
-        f"{t_end - t_train:.0f} s)\n"
+        f"{t_baseline - t_trained:.0f} s)\n"
         f"cohort                     {len(slides)} slides, label = a rare focus anywhere "
         f"in the tissue\n"
         f"  slides                   {out / 'cohort' / 'slides'}   ({t_cohort - start:.0f} s)\n"
@@ -198,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{t_tiles - t_cohort:.0f} s)\n"
         f"  tile features            {features}   ({t_features - t_tiles:.0f} s)\n"
         f"  manifest                 {manifest}\n"
-        f"training                   {t_train - t_features:.0f} s, {args.epochs} epochs\n"
+        f"training                   {t_trained - t_features:.0f} s, {args.epochs} epochs\n"
         f"  best checkpoint          {paths['checkpoint']}\n"
         f"  metrics (CSV)            {paths['logs']}\n"
         f"  predictions (CSV)        {paths['predictions']}\n"
         f"  heatmaps (PNG)           {paths['heatmaps']}\n"
         f"  ABMIL heatmaps (PNG)     {baseline_paths['heatmaps']}\n"
+        f"{reports}"
         f"total                      {t_end - start:.0f} s\n"
         "Next: longvit fit --config configs/demo.yaml   (the same training from the CLI)\n"
         "======================================================="

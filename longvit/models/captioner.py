@@ -13,6 +13,14 @@ values are computed once per generated report, the decoder's self-attention
 stays the plain language model (positions start at the report's first token),
 and with gated cross-attention a pretrained LongNet LM is the starting point
 unchanged.
+
+The memory is the encoder's per-tile tokens, not a pooled vector: a label that lives in a
+few tiles (a small focus) survives in them, where a mean over the slide would dilute it by
+the tile count. The tile features are standardised per dimension before the encoder
+(``set_feature_statistics``, the training cohort's mean and std; identity until set): with
+raw, uncentred encoder features the tile-to-tile differences are a few percent of each
+memory token, beside the position embedding, and the decoder learns the report's language
+while ignoring the slide (``longvit.training.feature_statistics``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,26 @@ class SlideCaptioner(nn.Module):
             )
         self.encoder = encoder
         self.decoder = decoder
+        d_in = int(encoder.in_chans)
+        # per-dimension standardisation of the tile features (identity until set)
+        self.register_buffer("feature_mean", torch.zeros(d_in))
+        self.register_buffer("feature_std", torch.ones(d_in))
+        self.register_buffer("feature_statistics_set", torch.tensor(False))
+
+    @torch.no_grad()
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise tile features as (features - mean) / std; mean, std (D_in,)."""
+        d_in = self.feature_mean.shape[0]
+        if tuple(mean.shape) != (d_in,) or tuple(std.shape) != (d_in,):
+            raise ValueError(
+                f"feature statistics must have shape ({d_in},) (the encoder's in_chans), got "
+                f"mean {tuple(mean.shape)} and std {tuple(std.shape)}"
+            )
+        if not bool((std > 0).all()):
+            raise ValueError("feature statistics: std must be positive in every dimension")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+        self.feature_statistics_set.fill_(True)
 
     def encode(
         self,
@@ -53,6 +81,9 @@ class SlideCaptioner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features (B, N, D_in), coords (B, N, 2) tile-grid (x, y), padding_mask (B, N) ->
         (memory (B, P + N, C_enc), memory_padding_mask (B, P + N) or None), P prefix tokens."""
+        features = (features - self.feature_mean.to(features.dtype)) / self.feature_std.to(
+            features.dtype
+        )
         memory = self.encoder.forward_features(features, coords, padding_mask)
         if padding_mask is None:
             return memory, None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -153,7 +154,8 @@ class LongNetDecoder(nn.Module):
 
     Args:
         vocab_size: tokens in the vocabulary (cl100k_base: 100277).
-        dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size (embed_dim:
+            the width C, timm's and the encoders' name).
         segment_lengths, dilation_rates: the dilated-attention branches (LongNet's
             LM: [2048, 4096, 8192, 16384, 32768] and [1, 2, 4, 6, 12]).
         attention: "dilated" or "dense" (causal SDPA; the baseline).
@@ -167,12 +169,14 @@ class LongNetDecoder(nn.Module):
         init_values: LayerScale init (None: off).
         mlp_chunk_size: run each MLP over at most this many tokens at a time.
         attn_backend: kernel choice for ``dilated_attention``.
+        dim: the former name of embed_dim, still read from the hyper-parameters of older
+            captioning checkpoints (a FutureWarning says to use embed_dim).
     """
 
     def __init__(
         self,
         vocab_size: int,
-        dim: int = 768,
+        embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
         segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
@@ -197,8 +201,23 @@ class LongNetDecoder(nn.Module):
         attn_backend: str = "auto",
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[..., nn.Module] | None = None,
+        dim: int | None = None,
     ):
         super().__init__()
+        if dim is not None:
+            if embed_dim not in (768, dim):
+                raise TypeError(
+                    f"LongNetDecoder: got embed_dim={embed_dim} and its former name dim={dim}; "
+                    "pass embed_dim only"
+                )
+            warnings.warn(
+                "LongNetDecoder: `dim` is now `embed_dim` (the encoders' name); pass "
+                f"embed_dim={dim} (e.g. --model.decoder_kwargs '{{\"embed_dim\": {dim}}}')",
+                FutureWarning,
+                stacklevel=2,
+            )
+            embed_dim = dim
+        dim = embed_dim
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         if isinstance(segment_lengths, str):
@@ -589,8 +608,8 @@ def _init_module(module: nn.Module) -> None:
 
 DECODER_SIZES: dict[str, dict] = {
     # LongNet's 125M language model (12 x 768, 12 heads; 162M with cl100k's 100K vocabulary)
-    "longnet_decoder_base": dict(dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
-    "longnet_decoder_small": dict(dim=384, depth=6, num_heads=6, mlp_ratio=4.0),
+    "longnet_decoder_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "longnet_decoder_small": dict(embed_dim=384, depth=6, num_heads=6, mlp_ratio=4.0),
 }
 
 
@@ -602,10 +621,11 @@ def create_decoder(name: str, vocab_size: int = CL100K_VOCAB_SIZE, **kwargs) -> 
 
 
 def longnet_decoder_small(vocab_size: int = CL100K_VOCAB_SIZE, **kwargs) -> LongNetDecoder:
-    """dim 384, 6 layers, 6 heads, LongNet's schedule and xPos."""
+    """embed_dim 384, 6 layers, 6 heads, LongNet's schedule and xPos."""
     return create_decoder("longnet_decoder_small", vocab_size, **kwargs)
 
 
 def longnet_decoder_base(vocab_size: int = CL100K_VOCAB_SIZE, **kwargs) -> LongNetDecoder:
-    """LongNet's 125M LM: dim 768, 12 layers, 12 heads, segments 2048..32768, rates 1..12, xPos."""
+    """LongNet's 125M LM: embed_dim 768, 12 layers, 12 heads, segments 2048..32768, rates
+    1..12, xPos."""
     return create_decoder("longnet_decoder_base", vocab_size, **kwargs)

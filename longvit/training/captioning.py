@@ -39,6 +39,11 @@ class SlideCaptioningModule(pl.LightningModule):
         warmup_steps: linear warm-up, then cosine decay to min_lr_ratio * lr over
             the trainer's estimated steps.
         grad_checkpointing: recompute encoder and decoder blocks in the backward.
+        standardize_features: at the start of fit, standardise the tile features with the
+            training split's per-dimension mean and std (``SlideTextDataModule.
+            feature_statistics``; kept in the checkpoint). Without it, uncentred encoder
+            features leave the memory mostly position embedding and the decoder ignores
+            the slide (``longvit.training.feature_statistics``).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class SlideCaptioningModule(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         grad_checkpointing: bool = False,
+        standardize_features: bool = True,
     ):
         super().__init__()
         self.tokenizer = get_tokenizer(tokenizer)
@@ -70,6 +76,19 @@ class SlideCaptioningModule(pl.LightningModule):
 
     def forward(self, features, coords, tokens, padding_mask=None) -> torch.Tensor:
         return self.model(features, coords, tokens, padding_mask)
+
+    def on_fit_start(self) -> None:
+        if not self.hparams.standardize_features or bool(self.model.feature_statistics_set):
+            return  # off, or already set (a resumed fit, or given before fit)
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "feature_statistics"):
+            raise ValueError(
+                "standardize_features=True needs the training features' statistics: fit with "
+                "a SlideTextDataModule, call model.model.set_feature_statistics(mean, std) "
+                "before fit, or set standardize_features=False"
+            )
+        mean, std = data.feature_statistics()
+        self.model.set_feature_statistics(mean.to(self.device), std.to(self.device))
 
     def _loss(self, batch) -> torch.Tensor:
         return self.model.loss(
@@ -99,21 +118,36 @@ class SlideCaptioningModule(pl.LightningModule):
         coords: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         max_new_tokens: int = 256,
-        prompt: str = "",
+        prompt: str | list[str] = "",
         **sampling,
     ) -> list[str]:
-        """One text per slide: features (B, N, D), coords (B, N, 2) tile units."""
+        """One text per slide: features (B, N, D), coords (B, N, 2) tile units.
+
+        prompt: the text every report starts with, or one per slide (B strings of any
+        lengths: they are right-padded and generated in one batched call, each slide
+        continuing after its own prompt).
+        """
         tok = self.tokenizer
-        ids = [tok.eot_id, *tok.encode(prompt)]
-        start = torch.tensor(ids, device=features.device).expand(features.shape[0], -1)
+        b = features.shape[0]
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != b:
+            raise ValueError(f"prompt: got {len(prompts)} prompts for {b} slides")
+        ids = [[tok.eot_id, *tok.encode(p)] for p in prompts]
+        lengths = [len(row) for row in ids]
+        start = torch.full((b, max(lengths)), tok.pad_id, dtype=torch.int64)
+        for i, row in enumerate(ids):
+            start[i, : len(row)] = torch.tensor(row)
         out = self.model.generate(
-            features, coords, start, max_new_tokens, padding_mask=padding_mask,
-            stop_token=tok.eot_id, **sampling,
+            features, coords, start.to(features.device), max_new_tokens,
+            padding_mask=padding_mask, stop_token=tok.eot_id,
+            prompt_lengths=None if len(set(lengths)) == 1 else lengths, pad_token=tok.pad_id,
+            **sampling,
         )  # fmt: skip
         texts = []
-        for row in out[:, len(ids) :].tolist():
+        for row, n, p in zip(out.tolist(), lengths, prompts):
+            row = row[n : n + max_new_tokens]
             row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
-            texts.append(prompt + tok.decode(row))
+            texts.append(p + tok.decode(row))
         return texts
 
     def configure_optimizers(self):
@@ -143,6 +177,13 @@ class SlideCaptioningModule(pl.LightningModule):
         checkpoint["tokenizer"] = self.tokenizer.config()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):  # saved before tile features were standardised: identity
+            d_in = self.model.feature_mean.shape[0]
+            identity = {"feature_mean": torch.zeros(d_in), "feature_std": torch.ones(d_in),
+                        "feature_statistics_set": torch.tensor(False)}  # fmt: skip
+            for name, value in identity.items():
+                state.setdefault(f"model.{name}", value)
         if "tokenizer" in checkpoint:
             saved = tokenizer_from_config(checkpoint["tokenizer"])
             if saved.name != self.tokenizer.name:

@@ -239,6 +239,16 @@ if pl is not None:
                 persistent_workers=self.hparams.num_workers > 0,
             )  # fmt: skip
 
+        def feature_statistics(self, max_tiles_per_slide: int = 2048):
+            """(mean (D,), std (D,)) of the training split's tile features
+            (``longvit.training.feature_statistics``)."""
+            from longvit.training.feature_statistics import feature_statistics
+
+            h = self.hparams
+            rows = read_manifest(h.manifest, "train", h.feature_column, h.text_column,
+                                 h.split_column)  # fmt: skip
+            return feature_statistics([r[h.feature_column] for r in rows], max_tiles_per_slide)
+
         def train_dataloader(self) -> DataLoader:
             return self._loader("train", train=True)
 
