@@ -37,7 +37,7 @@ from longvit.models.decoder_attention import (
 )
 from longvit.models.decoder_cache import DecoderKVCache, DilatedKVCache, pattern_block, step_pattern
 from longvit.models.generation import CudaGraphStep, check_sampling, sample_next_token
-from longvit.models.layers import Block
+from longvit.models.layers import build_blocks, drop_path_rates
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -240,9 +240,10 @@ class LongNetDecoder(nn.Module):
             DecoderSelfAttention, attention=attention, pos_embed=pos_embed,
             rope_theta=rope_theta, xpos_scale_base=xpos_scale_base,
         )  # fmt: skip
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
-            Block(
+            build_blocks(
+                depth,
+                drop_path_rate,
                 dim=dim,
                 num_heads=num_heads,
                 mlp_ratio=mlp_ratio,
@@ -253,15 +254,14 @@ class LongNetDecoder(nn.Module):
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
                 init_values=init_values,
-                drop_path=dpr[i],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
                 attn_layer=attn_layer,
                 mlp_chunk_size=mlp_chunk_size,
                 attn_backend=attn_backend,
-            )  # fmt: skip
-            for i in range(depth)
+            )
         )
+        dpr = drop_path_rates(depth, drop_path_rate)
         self.cross_blocks = None
         if cross_attention:
             self.cross_blocks = nn.ModuleList(

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longvit.attention import MultiheadDilatedAttention
 from longvit.attention.schedule import DEFAULT_DILATION_RATES
-from longvit.models.layers import Block, LinearInputNorm
+from longvit.models.layers import LinearInputNorm, build_blocks
 
 POOL_TYPES = ("", "avg", "max", "token")
 
@@ -132,29 +132,26 @@ class DilatedEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.Sequential(
-            *[
-                Block(
-                    dim=embed_dim,
-                    num_heads=num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    segment_lengths=segment_lengths,
-                    dilation_rates=dilation_rates,
-                    sub_ln=sub_ln,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    init_values=init_values,
-                    drop_path=dpr[i],
-                    act_layer=act_layer,
-                    norm_layer=block_norm_layer,
-                    mlp_chunk_size=mlp_chunk_size,
-                    attn_backend=attn_backend,
-                    zero_padded_keys=zero_padded_keys,
-                )  # fmt: skip
-                for i in range(depth)
-            ]
+            *build_blocks(
+                depth,
+                drop_path_rate,
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                segment_lengths=segment_lengths,
+                dilation_rates=dilation_rates,
+                sub_ln=sub_ln,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                init_values=init_values,
+                act_layer=act_layer,
+                norm_layer=block_norm_layer,
+                mlp_chunk_size=mlp_chunk_size,
+                attn_backend=attn_backend,
+                zero_padded_keys=zero_padded_keys,
+            )
         )
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=feature_reduction)

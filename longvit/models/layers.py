@@ -362,3 +362,15 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear will run in: autocast's when it is on, else the weight's."""
     dtype = autocast_dtype(weight.device.type)
     return weight.dtype if dtype is None else dtype
+
+
+def drop_path_rates(depth: int, drop_path_rate: float) -> list[float]:
+    """Stochastic depth rising linearly from 0 at the first block to ``drop_path_rate`` at the
+    last (timm's ViT rule)."""
+    return [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+
+
+def build_blocks(depth: int, drop_path_rate: float = 0.0, **block_kwargs) -> list[Block]:
+    """``depth`` ``Block``s of the same settings (``Block``'s arguments, but ``drop_path``),
+    with drop-path rates from ``drop_path_rates``: the block list of every longvit model."""
+    return [Block(drop_path=p, **block_kwargs) for p in drop_path_rates(depth, drop_path_rate)]
