@@ -4,13 +4,14 @@ The decoder is a stack of the encoders' ``Block`` whose attention layer is
 ``DecoderSelfAttention`` (``decoder_attention.py``): rotary or xPos positions on q
 and k and causal dilated attention (or dense causal SDPA, ``attention="dense"``, the
 baseline of the benchmarks). With ``cross_attention=True`` each block is preceded by
-a dense cross-attention to a memory (the slide encoder's tokens, see ``captioner.py``).
+a dense cross-attention to a memory (``decoder_cross_attention.py``; the slide encoder's
+tokens, see ``captioner.py``).
 
 A forward builds one ``DecoderPlan`` (rotary factors, packed attention plan) that every
 layer shares. Generation runs the prompt once (the prefill: a full forward whose layers
 also fill their KV caches), then one step per token, each step the same operations at
 every position: ``decoder_cache.py`` says what a step attends, ``generation.py`` how it is
-sampled and replayed as a CUDA graph.
+run, sampled and replayed as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -36,7 +37,8 @@ from longvit.models.decoder_attention import (
     DecoderSelfAttention,
 )
 from longvit.models.decoder_cache import DecoderKVCache, DilatedKVCache, pattern_block, step_pattern
-from longvit.models.generation import CudaGraphStep, check_sampling, sample_next_token
+from longvit.models.decoder_cross_attention import CrossAttention, CrossAttentionBlock
+from longvit.models.generation import generate_tokens, sample_next_token
 from longvit.models.layers import build_blocks, drop_path_rates
 
 __all__ = [
@@ -61,94 +63,6 @@ __all__ = [
 CL100K_VOCAB_SIZE = 100277
 
 
-class CrossAttention(nn.Module):
-    """Dense multi-head attention from text tokens to a memory (e.g. slide tokens).
-
-    Args:
-        dim: text width C; num_heads: H (C divisible by H).
-        memory_dim: width of the memory tokens (default C).
-        qkv_bias, attn_drop, proj_drop, sub_ln, norm_layer: as in the self-attention.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        memory_dim: int | None = None,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        sub_ln: bool = False,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-    ):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.memory_dim = memory_dim or dim
-        self.attn_drop = float(attn_drop)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(self.memory_dim, 2 * dim, bias=qkv_bias)
-        self.inner_norm = norm_layer(dim) if sub_ln else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory (B, N, memory_dim) -> keys, values (B, H, N, D); computed once per generation."""
-        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim:
-            raise ValueError(
-                f"memory must have shape (B, N, {self.memory_dim}), got {tuple(memory.shape)}"
-            )
-        b, n, _ = memory.shape
-        k, v = self.kv(memory).view(b, n, 2, self.num_heads, self.head_dim).unbind(2)
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
-        memory_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, C), memory_kv from project_memory, mask (B, N) True = padding -> (B, T, C)."""
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = memory_kv
-        mask = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # fmt: skip
-        out = self.inner_norm(out.transpose(1, 2).reshape(b, t, self.dim))
-        return self.proj_drop(self.proj(out))
-
-
-class CrossAttentionBlock(nn.Module):
-    """Pre-norm residual cross-attention, optionally tanh-gated (gate starts closed, Flamingo)."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        memory_dim: int | None = None,
-        gated: bool = False,
-        drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        **attn_kwargs,
-    ):
-        super().__init__()
-        self.norm = norm_layer(dim)
-        self.attn = CrossAttention(dim, num_heads, memory_dim, norm_layer=norm_layer, **attn_kwargs)
-        self.gate = nn.Parameter(torch.zeros(1)) if gated else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x, memory_kv, memory_padding_mask=None) -> torch.Tensor:
-        y = self.drop_path(self.attn(self.norm(x), memory_kv, memory_padding_mask))
-        if self.gate is not None:
-            y = torch.tanh(self.gate).to(y.dtype) * y
-        return x + y
-
-
-# ------------------------------------------------------------------ model
 class LongNetDecoder(nn.Module):
     """Causal LongNet language model: tokens (B, T) -> logits (B, T, vocab_size).
 
@@ -314,7 +228,7 @@ class LongNetDecoder(nn.Module):
         return set()
 
     # --------------------------------------------------------------- forward
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an integer tensor of shape (B, T), got {tuple(tokens.shape)} "
@@ -351,7 +265,7 @@ class LongNetDecoder(nn.Module):
         With KV caches attached (``kv_caches``) the first call is the prompt (its layers
         fill the caches) and every later call continues it, one decoding step per token.
         """
-        self._check_tokens(tokens)
+        self.check_tokens(tokens)
         if self.cross_blocks is not None and memory_kv is None:
             if memory is None:
                 raise ValueError("this decoder cross-attends: pass memory (B, N, memory_dim)")
@@ -395,7 +309,7 @@ class LongNetDecoder(nn.Module):
         cache.advance()
         return x
 
-    def _decode_logits(self, token, memory_kv=None, memory_padding_mask=None) -> torch.Tensor:
+    def decode_logits(self, token, memory_kv=None, memory_padding_mask=None) -> torch.Tensor:
         """token (B,) -> next-token logits (B, vocab_size): one ``_decode`` step."""
         x = self._decode(self.drop(self.tok_embed(token[:, None])), memory_kv, memory_padding_mask)
         return self.head(self.norm(x)[:, 0])
@@ -514,86 +428,12 @@ class LongNetDecoder(nn.Module):
         cuda_graph: replay every decoding step after the first two as one CUDA graph
             (``generation.CudaGraphStep``; a CUDA model, use_cache=True).
         """
-        self._check_tokens(prompt)
-        b, t0 = prompt.shape
-        if t0 < 1:
-            raise ValueError("prompt must hold at least one token per sample, got T0 = 0")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p)
-        if cuda_graph and not (use_cache and prompt.is_cuda):
-            raise ValueError("cuda_graph=True needs use_cache=True and the model on a CUDA device")
-        lengths = _prompt_lengths(prompt_lengths, b, t0, prompt.device)
-        was_training = self.training
-        self.eval()
-        total = t0 + max_new_tokens
-        try:
-            memory_kv = None
-            if self.cross_blocks is not None:
-                if memory is None:
-                    raise ValueError("this decoder cross-attends: pass memory (B, N, memory_dim)")
-                memory_kv = self.project_memory(memory, memory_padding_mask)
-            starts = torch.full((b,), t0, device=prompt.device) if lengths is None else lengths
-            out = prompt.new_full((b, total), pad_token)
-            out[:, :t0] = prompt
-            if lengths is not None:  # each row's padding after its prompt
-                padding = torch.arange(t0, device=out.device)[None] >= lengths[:, None]
-                out[:, :t0].masked_fill_(padding, pad_token)
-            memory_args = dict(memory_kv=memory_kv, memory_padding_mask=memory_padding_mask)
-            with contextlib.ExitStack() as stack:
-                if use_cache and max_new_tokens:
-                    stack.enter_context(self.kv_caches(total, lengths))
-                    hidden = self.forward_features(prompt, **memory_args)
-                    logits = self.head(_at(hidden, t0 - 1 if lengths is None else lengths - 1))
-                    step = partial(self._decode_logits, **memory_args)
-                    if cuda_graph:
-                        step = CudaGraphStep(step)
-                done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-                for i in range(max_new_tokens):
-                    if not use_cache:
-                        hidden = self.forward_features(out[:, : t0 + i], **memory_args)
-                        last = t0 + i - 1 if lengths is None else lengths + i - 1
-                        logits = self.head(_at(hidden, last))
-                    token = sample_next_token(logits, temperature, top_k, top_p, generator)
-                    if stop_token is not None:
-                        token = token.masked_fill(done, stop_token)
-                        done = done | (token == stop_token)
-                    out.scatter_(1, (starts + i)[:, None], token[:, None])
-                    if i + 1 == max_new_tokens:
-                        break
-                    if stop_token is not None and bool(done.all()):  # the rest is stop_token
-                        cols = torch.arange(total, device=out.device)[None] - starts[:, None]
-                        out.masked_fill_((cols > i) & (cols < max_new_tokens), stop_token)
-                        break
-                    if use_cache:
-                        self.kv_cache.reserve_step()
-                        logits = step(token)
-            return out
-        finally:
-            self.train(was_training)
-
-
-def _prompt_lengths(prompt_lengths, batch: int, tokens: int, device) -> torch.Tensor | None:
-    """prompt_lengths as a (B,) int64 tensor on device, checked; None when every prompt fills
-    all T0 tokens."""
-    if prompt_lengths is None:
-        return None
-    values = torch.as_tensor(prompt_lengths).reshape(-1).tolist()
-    if len(values) != batch or any(int(v) != v or not 1 <= v <= tokens for v in values):
-        raise ValueError(
-            f"prompt_lengths must hold one length in [1, T0 = {tokens}] per sample (B = "
-            f"{batch}), got {values}"
-        )
-    if all(v == tokens for v in values):
-        return None
-    return torch.tensor(values, dtype=torch.int64).to(device)
-
-
-def _at(hidden: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
-    """hidden (B, T, C) at position index (an int, or index[b] for sample b) -> (B, C)."""
-    if isinstance(index, int):
-        return hidden[:, index]
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        return generate_tokens(
+            self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            memory=memory, memory_padding_mask=memory_padding_mask, stop_token=stop_token,
+            generator=generator, use_cache=use_cache, prompt_lengths=prompt_lengths,
+            pad_token=pad_token, cuda_graph=cuda_graph,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------- named sizes

@@ -1,13 +1,23 @@
-"""Sampling the next token, and one decoding step replayed as a CUDA graph."""
+"""Generation: the prefill-then-step loop, sampling the next token, and one decoding step
+replayed as a CUDA graph."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-__all__ = ["CudaGraphStep", "check_sampling", "sample_next_token"]
+__all__ = [
+    "CudaGraphStep",
+    "check_sampling",
+    "generate_tokens",
+    "hidden_at",
+    "prompt_lengths_tensor",
+    "sample_next_token",
+]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -86,3 +96,103 @@ class CudaGraphStep:
         self.graph = graph
         graph.replay()  # capturing records the step without running it
         return self.logits
+
+
+def generate_tokens(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    memory: torch.Tensor | None = None,
+    memory_padding_mask: torch.Tensor | None = None,
+    stop_token: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    prompt_lengths=None,
+    pad_token: int = 0,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
+    """``LongNetDecoder.generate``'s loop (its docstring says what each argument does): the
+    prefill fills the layers' KV caches, then one step per new token, sampled."""
+    model.check_tokens(prompt)
+    b, t0 = prompt.shape
+    if t0 < 1:
+        raise ValueError("prompt must hold at least one token per sample, got T0 = 0")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    if cuda_graph and not (use_cache and prompt.is_cuda):
+        raise ValueError("cuda_graph=True needs use_cache=True and the model on a CUDA device")
+    lengths = prompt_lengths_tensor(prompt_lengths, b, t0, prompt.device)
+    was_training = model.training
+    model.eval()
+    total = t0 + max_new_tokens
+    try:
+        memory_kv = None
+        if model.cross_blocks is not None:
+            if memory is None:
+                raise ValueError("this decoder cross-attends: pass memory (B, N, memory_dim)")
+            memory_kv = model.project_memory(memory, memory_padding_mask)
+        starts = torch.full((b,), t0, device=prompt.device) if lengths is None else lengths
+        out = prompt.new_full((b, total), pad_token)
+        out[:, :t0] = prompt
+        if lengths is not None:  # each row's padding after its prompt
+            padding = torch.arange(t0, device=out.device)[None] >= lengths[:, None]
+            out[:, :t0].masked_fill_(padding, pad_token)
+        memory_args = dict(memory_kv=memory_kv, memory_padding_mask=memory_padding_mask)
+        with contextlib.ExitStack() as stack:
+            if use_cache and max_new_tokens:
+                stack.enter_context(model.kv_caches(total, lengths))
+                hidden = model.forward_features(prompt, **memory_args)
+                logits = model.head(hidden_at(hidden, t0 - 1 if lengths is None else lengths - 1))
+                step = partial(model.decode_logits, **memory_args)
+                if cuda_graph:
+                    step = CudaGraphStep(step)
+            done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+            for i in range(max_new_tokens):
+                if not use_cache:
+                    hidden = model.forward_features(out[:, : t0 + i], **memory_args)
+                    last = t0 + i - 1 if lengths is None else lengths + i - 1
+                    logits = model.head(hidden_at(hidden, last))
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                if stop_token is not None:
+                    token = token.masked_fill(done, stop_token)
+                    done = done | (token == stop_token)
+                out.scatter_(1, (starts + i)[:, None], token[:, None])
+                if i + 1 == max_new_tokens:
+                    break
+                if stop_token is not None and bool(done.all()):  # the rest is stop_token
+                    cols = torch.arange(total, device=out.device)[None] - starts[:, None]
+                    out.masked_fill_((cols > i) & (cols < max_new_tokens), stop_token)
+                    break
+                if use_cache:
+                    model.kv_cache.reserve_step()
+                    logits = step(token)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def prompt_lengths_tensor(prompt_lengths, batch: int, tokens: int, device) -> torch.Tensor | None:
+    """prompt_lengths as a (B,) int64 tensor on device, checked; None when every prompt fills
+    all T0 tokens."""
+    if prompt_lengths is None:
+        return None
+    values = torch.as_tensor(prompt_lengths).reshape(-1).tolist()
+    if len(values) != batch or any(int(v) != v or not 1 <= v <= tokens for v in values):
+        raise ValueError(
+            f"prompt_lengths must hold one length in [1, T0 = {tokens}] per sample (B = "
+            f"{batch}), got {values}"
+        )
+    if all(v == tokens for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def hidden_at(hidden: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """hidden (B, T, C) at position index (an int, or index[b] for sample b) -> (B, C)."""
+    if isinstance(index, int):
+        return hidden[:, index]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
