@@ -118,7 +118,7 @@ class LongViTSlideEncoder(DilatedEncoder):
         """Projected features + position embedding: (tokens (B, N, C), padding_mask, grid)."""
         feats, positions, padding_mask, grid = feature_sequence(
             x, tile_grid, padding_mask, coords_level0, tile_size_level0, self.in_chans,
-            self.pos_grid_size,
+            self.pos_grid_size, shard=self.sum_over_shards is not None,
         )  # fmt: skip
         tokens = self.feature_proj(feats)
         tokens = tokens + self.position_embedding(positions).to(tokens.dtype)
@@ -215,8 +215,9 @@ class LongViTSlideEncoder(DilatedEncoder):
 
 
 def feature_sequence(
-    x, tile_grid, padding_mask, coords_level0, tile_size_level0, in_chans: int, pos_grid_size
-):
+    x, tile_grid, padding_mask, coords_level0, tile_size_level0, in_chans: int, pos_grid_size,
+    shard: bool = False,
+):  # fmt: skip
     """Either input form -> (features (B, N, D_in), positions (B, N, 2), mask, grid or None)."""
     if x.dim() == 4:
         b, d, h, w = x.shape
@@ -235,7 +236,7 @@ def feature_sequence(
         if padding_mask is not None and tuple(padding_mask.shape) == (b, h, w):
             padding_mask = padding_mask.reshape(b, h * w)
         _check_mask(padding_mask, b, h * w)
-        check_slide_inputs(feats, None, padding_mask)
+        check_slide_inputs(feats, None, padding_mask, shard)
         positions = tile_positions(
             grid, None, None, padding_mask, (b, h * w), grid_size=pos_grid_size
         )
@@ -247,7 +248,7 @@ def feature_sequence(
         )
     b, n = x.shape[:2]
     _check_mask(padding_mask, b, n)
-    check_slide_inputs(x, tile_grid, padding_mask)  # before the range checks: names pixels
+    check_slide_inputs(x, tile_grid, padding_mask, shard)  # before the range checks: names pixels
     positions = tile_positions(
         tile_grid, coords_level0, tile_size_level0, padding_mask, (b, n),
         grid_size=pos_grid_size,

@@ -38,13 +38,18 @@ class SlideInputError(ValueError):
 
 
 def check_slide_inputs(
-    feats: torch.Tensor, positions: torch.Tensor | None, padding_mask: torch.Tensor | None
+    feats: torch.Tensor,
+    positions: torch.Tensor | None,
+    padding_mask: torch.Tensor | None,
+    shard: bool = False,
 ) -> None:
     """Raise ``SlideInputError`` / ``TilePositionError`` for bad inputs (module docstring).
 
     feats: (B, N, D) tile features; positions: (B, N, 2) tile-grid (x, y) as given in
     ``tile_grid`` (None: positions derived from level-0 pixels, already in tiles);
     padding_mask: (B, N) bool, True = padding, or None.
+    shard: the features are one shard of each slide (sequence parallelism), which may hold
+        only padding; the whole slide's emptiness is not visible here.
     """
     if feats.device.type == "meta" or torch.compiler.is_compiling():
         return
@@ -72,7 +77,7 @@ def check_slide_inputs(
             f"{int((~torch.isfinite(bad)).nonzero()[0])}): check the feature file of that slide "
             "(longvit's feature reader names the file), or mask the tile with padding_mask"
         )
-    if fewest == 0:
+    if fewest == 0 and not shard:
         empty = [int(i) for i in (counts == 0).nonzero().flatten().tolist()]
         raise SlideInputError(
             f"slide {empty[0]} of the batch has no tiles (N = {n}, all padding): a slide "

@@ -4,7 +4,8 @@
   as YAML (192 is a number, true a bool, [1, 2] a list), not passed on as the string "192".
 - Several ``--config`` files: their ``..._kwargs`` dicts are merged key by key, later files
   winning, instead of the last file's dict replacing the whole dict; ``..._kwargs.KEY`` on the
-  command line then overrides single keys.
+  command line then overrides single keys, and a whole dict given on the command line
+  (``--model.init_args.model_kwargs "{in_chans: 8}"``) overrides the keys it names.
 - ``trainer.precision`` follows the device unless it is set: "bf16-mixed" where a CUDA GPU
   with bf16 will run the model, "32-true" otherwise.
 
@@ -44,6 +45,16 @@ def kwargs_overrides(args: Sequence[str]) -> tuple[list[str], dict[tuple[str, ..
                     break
                 value, i = args[i + 1], i + 1
             cli.setdefault(tuple(parts[: at + 1]), {})[parts[-1]] = yaml.safe_load(value)
+        elif parts and parts[-1].endswith(_KWARGS_SUFFIX) and (has_value or i + 1 < len(args)):
+            whole = value if has_value else args[i + 1]  # the whole dict, e.g. "{in_chans: 8}"
+            rest.extend([arg] if has_value else [arg, whole])
+            i += 0 if has_value else 1
+            try:
+                values = yaml.safe_load(whole)
+            except yaml.YAMLError:
+                values = None  # the parser names the malformed value
+            if isinstance(values, dict):
+                cli.setdefault(tuple(parts), {}).update(values)
         else:
             rest.append(arg)
         i += 1
