@@ -397,43 +397,7 @@ class LongNetDecoder(nn.Module):
             for layer in layers:
                 layer.kv_cache = None
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        memory: torch.Tensor | None = None,
-        memory_padding_mask: torch.Tensor | None = None,
-        stop_token: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        prompt_lengths: torch.Tensor | Sequence[int] | None = None,
-        pad_token: int = 0,
-        cuda_graph: bool = False,
-    ) -> torch.Tensor:
-        """Continue prompt (B, T0) by max_new_tokens tokens -> (B, T0 + max_new_tokens).
-
-        temperature 0 is greedy; top_k / top_p restrict sampling to the k most
-        likely tokens / the smallest set with probability >= top_p. After a sample
-        emits stop_token, its remaining positions are stop_token (and the loop
-        ends early once every sample has). use_cache=False recomputes the full
-        forward pass at every step (the slow reference). Runs in eval mode.
-
-        prompt_lengths: (B,) tokens of each prompt, right-padded to T0 (None: all T0).
-            Row b holds its prompt_lengths[b] prompt tokens, its max_new_tokens new ones,
-            then pad_token (a token id: use_cache=False embeds it, and attends it never).
-        cuda_graph: replay every decoding step after the first two as one CUDA graph
-            (``generation.CudaGraphStep``; a CUDA model, use_cache=True).
-        """
-        return generate_tokens(
-            self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            memory=memory, memory_padding_mask=memory_padding_mask, stop_token=stop_token,
-            generator=generator, use_cache=use_cache, prompt_lengths=prompt_lengths,
-            pad_token=pad_token, cuda_graph=cuda_graph,
-        )  # fmt: skip
+    generate = generate_tokens  # (prompt, max_new_tokens, ...) -> (B, T0 + max_new_tokens)
 
 
 # ------------------------------------------------------------- named sizes

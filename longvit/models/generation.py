@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -98,6 +98,7 @@ class CudaGraphStep:
         return self.logits
 
 
+@torch.no_grad()
 def generate_tokens(
     model,
     prompt: torch.Tensor,
@@ -110,12 +111,26 @@ def generate_tokens(
     stop_token: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    prompt_lengths=None,
+    prompt_lengths: torch.Tensor | Sequence[int] | None = None,
     pad_token: int = 0,
     cuda_graph: bool = False,
 ) -> torch.Tensor:
-    """``LongNetDecoder.generate``'s loop (its docstring says what each argument does): the
-    prefill fills the layers' KV caches, then one step per new token, sampled."""
+    """``LongNetDecoder.generate``: continue prompt (B, T0) by max_new_tokens tokens
+    -> (B, T0 + max_new_tokens).
+
+    temperature 0 is greedy; top_k / top_p restrict sampling to the k most
+    likely tokens / the smallest set with probability >= top_p. After a sample
+    emits stop_token, its remaining positions are stop_token (and the loop
+    ends early once every sample has). use_cache=False recomputes the full
+    forward pass at every step (the slow reference). Runs in eval mode: the prefill fills
+    the layers' KV caches, then one step per new token.
+
+    prompt_lengths: (B,) tokens of each prompt, right-padded to T0 (None: all T0).
+        Row b holds its prompt_lengths[b] prompt tokens, its max_new_tokens new ones,
+        then pad_token (a token id: use_cache=False embeds it, and attends it never).
+    cuda_graph: replay every decoding step after the first two as one CUDA graph
+        (``CudaGraphStep``; a CUDA model, use_cache=True).
+    """
     model.check_tokens(prompt)
     b, t0 = prompt.shape
     if t0 < 1:
